@@ -1,0 +1,99 @@
+"""The command line: python -m sdlite txt2img "a castle" --model v1-5-pruned-emaonly.safetensors --out castle.png"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import schedulers
+from .checkpoint import load
+from .errors import UserError
+from .image import save_png
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "default"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sdlite", description="Stable Diffusion in plain PyTorch")
+    commands = p.add_subparsers(dest="command", required=True)
+    txt2img = commands.add_parser("txt2img", help="generate images from a prompt")
+    txt2img.add_argument("prompt")
+    txt2img.add_argument("--model", help="a .safetensors file, a diffusers folder or a Hub id "
+                                         "(default: the small model in weights/default)")
+    txt2img.add_argument("--negative-prompt", default="")
+    txt2img.add_argument("--steps", type=int, default=50)
+    txt2img.add_argument("--guidance-scale", type=float, default=7.5)
+    txt2img.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's own size)")
+    txt2img.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's own size)")
+    txt2img.add_argument("--seed", type=int, help="default: a random seed, written into the PNG")
+    txt2img.add_argument("--scheduler", choices=schedulers.NAMES, help="default: the checkpoint's own")
+    txt2img.add_argument("--batch-size", type=int, default=1)
+    txt2img.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                         help="override what the checkpoint is taken to predict (SD 2.x single files: v_prediction)")
+    txt2img.add_argument("--dtype", choices=DTYPES, default="fp32")
+    txt2img.add_argument("--device", default="cpu")
+    txt2img.add_argument("--out", type=Path, help="output PNG; with --batch-size N, NAME-0.png ... NAME-(N-1).png "
+                                                  "(default: txt2img-SEED.png)")
+    txt2img.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    return p
+
+
+def run(args: argparse.Namespace) -> None:
+    model = args.model or DEFAULT_MODEL
+    if args.model is None and not DEFAULT_MODEL.exists():
+        raise UserError(f"no --model given and no default model at {DEFAULT_MODEL}")
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**32, ()).item())
+    outputs = output_paths(args.out or Path(f"{args.command}-{seed}.png"), args.batch_size, args.overwrite)
+    pipe = load(model, dtype=DTYPES[args.dtype], device=args.device, prediction_type=args.prediction_type)
+    images = pipe.txt2img(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                          guidance_scale=args.guidance_scale, width=args.width, height=args.height, seed=seed,
+                          scheduler=args.scheduler, batch_size=args.batch_size, progress=ProgressBar())
+    for image, path in zip(images, outputs):
+        save_png(image, path, overwrite=args.overwrite)
+        print(path)
+
+
+def output_paths(out: Path, batch_size: int, overwrite: bool) -> list[Path]:
+    """Where each image goes, refused up front if a file is already there (and --overwrite not given)."""
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out must name a .png file, not {out}")
+    if not out.parent.is_dir():
+        raise UserError(f"--out: folder {out.parent} does not exist")
+    paths = [out] if batch_size == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(batch_size)]
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} exists: choose another --out or pass --overwrite")
+    return paths
+
+
+class ProgressBar:
+    """`[#########           ] 9/20 steps, 1.3 s/step` on stderr, redrawn in place."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        per_step = (time.perf_counter() - self.start) / done
+        bar = "#" * (20 * done // total)
+        print(f"\r[{bar:<20}] {done}/{total} steps, {per_step:.2f} s/step", end="", file=sys.stderr)
+        if done == total:
+            print(file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

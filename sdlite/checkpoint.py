@@ -1,0 +1,156 @@
+"""Open a Stable Diffusion checkpoint in either official layout and build sdlite's modules from it.
+
+  single file   v1-5-pruned-emaonly.safetensors
+                  model.diffusion_model.*  UNet            (unet.unet_from_ldm maps the keys)
+                  first_stage_model.*      VAE             (vae.vae_from_ldm)
+                  cond_stage_model.*       text encoder:   transformer.* = OpenAI CLIP (SD 1.x, clip.clip_from_openai)
+                                                           model.*       = OpenCLIP    (SD 2.x, clip.clip_from_openclip)
+                Nothing in the file says which scheduler or image size it was trained for: the family's convention
+                decides (SD 2.x single files are v-prediction unless the caller says otherwise, as in the reference).
+  folder        model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/ (the diffusers layout): every
+                config is read from its config.json and the weights need no key mapping, since sdlite's module
+                attribute names are the diffusers names.
+"""
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .clip import CLIPTextConfig, CLIPTextModel, clip_from_openai, clip_from_openclip, with_text_model_prefix
+from .errors import UserError
+from .pipeline import Pipeline
+from .tokenizer import Tokenizer
+from .unet import UNet, UNetConfig, unet_from_ldm
+from .vae import AutoencoderKL, VAEConfig, vae_from_ldm
+
+# The training schedules of the official releases, as their diffusers folders state them (scheduler_config.json of
+# stable-diffusion-v1-5 and stable-diffusion-2-1), used for single files, which carry no scheduler config.
+SD1_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                 "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None, "steps_offset": 1,
+                 "skip_prk_steps": True, "set_alpha_to_one": False, "clip_sample": False}
+SD2_SCHEDULER = {**SD1_SCHEDULER, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def load(model: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         prediction_type: str | None = None) -> Pipeline:
+    """A Pipeline from a single-file checkpoint, a diffusers folder, or a Hugging Face Hub id (downloaded)."""
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise UserError(f"unknown prediction type {prediction_type!r}: use 'epsilon' or 'v_prediction'")
+    path = resolve(model)
+    pipe = load_folder(path) if path.is_dir() else load_single_file(path)
+    if prediction_type is not None:
+        pipe.scheduler_config["prediction_type"] = prediction_type
+    return pipe.to(device=device, dtype=dtype)
+
+
+def resolve(model: str | Path) -> Path:
+    """A local path as it is; otherwise a Hub id such as 'runwayml/stable-diffusion-v1-5', downloaded."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    looks_like_hub_id = isinstance(model, str) and model.count("/") == 1 and not path.suffix
+    if not looks_like_hub_id:
+        raise UserError(f"model not found: {model} (give a .safetensors file, a diffusers folder or a Hub id)")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(model, allow_patterns=[
+            "model_index.json", "*/*.json", "tokenizer/*.txt",
+            "*/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]))
+    except Exception as e:  # offline, unknown repository, gated model: all the user can act on is the message
+        raise UserError(f"could not download {model!r} from the Hugging Face Hub: {str(e).splitlines()[0]}") from None
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors by name. Safetensors is the format; a pickled file is opened only by torch's weights-only loader,
+    which refuses anything but tensors and plain containers, so a checkpoint cannot run code."""
+    if path.suffix in PICKLE_SUFFIXES:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"{path}: not a loadable weights-only checkpoint ({str(e).splitlines()[0]}); "
+                            "convert it to .safetensors") from None
+        return sd.get("state_dict", sd)
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e}); is it truncated?") from None
+
+
+def load_single_file(path: Path) -> Pipeline:
+    sd = read_state_dict(path)
+    parts = {prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+             for prefix in ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")}
+    missing = [prefix + "*" for prefix, part in parts.items() if not part]
+    if missing:
+        raise UserError(f"{path}: not a Stable Diffusion checkpoint (no {', '.join(missing)} weights)")
+    text = parts["cond_stage_model."]
+    if any(k.startswith("transformer.") for k in text):
+        family, scheduler, pad_id, side = "sd1", SD1_SCHEDULER, 49407, 512    # OpenAI CLIP pads with end-of-text
+        text_config, text_sd = clip_from_openai(text)
+    elif any(k.startswith("model.") for k in text):
+        family, scheduler, pad_id, side = "sd2", SD2_SCHEDULER, 0, 768        # OpenCLIP pads with 0 ("!")
+        text_config, text_sd = clip_from_openclip(text)
+    else:
+        raise UserError(f"{path}: unknown text encoder layout under cond_stage_model.* (neither SD 1.x nor 2.x)")
+    unet_config, unet_sd = unet_from_ldm(parts["model.diffusion_model."])
+    vae_config, vae_sd = vae_from_ldm(parts["first_stage_model."])
+    return Pipeline(
+        tokenizer=Tokenizer.from_vendored(pad_id),
+        text_encoder=build(CLIPTextModel, text_config, text_sd, path),
+        unet=build(UNet, unet_config, unet_sd, path),
+        vae=build(AutoencoderKL, vae_config, vae_sd, path),
+        scheduler_config=dict(scheduler),
+        family=family, default_size=side, name=path.stem)
+
+
+def load_folder(path: Path) -> Pipeline:
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"{path}: not a diffusers folder (no model_index.json)")
+    unet_config = UNetConfig.from_json(read_json(path / "unet" / "config.json"))
+    vae_config = VAEConfig.from_json(read_json(path / "vae" / "config.json"))
+    text_config = CLIPTextConfig.from_json(read_json(path / "text_encoder" / "config.json"))
+    text_sd = with_text_model_prefix(read_state_dict(weights_file(path / "text_encoder", "model")))
+    vae_scale = 2 ** (len(vae_config.block_out_channels) - 1)
+    return Pipeline(
+        tokenizer=Tokenizer.from_folder(path / "tokenizer"),
+        text_encoder=build(CLIPTextModel, text_config, text_sd, path / "text_encoder"),
+        unet=build(UNet, unet_config, read_state_dict(weights_file(path / "unet", "diffusion_pytorch_model")),
+                   path / "unet"),
+        vae=build(AutoencoderKL, vae_config, read_state_dict(weights_file(path / "vae", "diffusion_pytorch_model")),
+                  path / "vae"),
+        scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
+        family="sd2" if text_config.hidden_act == "gelu" else "sd1",
+        default_size=read_json(path / "unet" / "config.json").get("sample_size", 64) * vae_scale,
+        name=path.name)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: the diffusers folder is incomplete") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def weights_file(folder: Path, stem: str) -> Path:
+    """The component's weights: full precision if present, else the `.fp16` variant, else a pickled .bin."""
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise UserError(f"{folder}: no weights ({stem}.safetensors or {stem}.fp16.safetensors)")
+
+
+def build(module_class, config, state_dict: dict[str, torch.Tensor], where: Path) -> torch.nn.Module:
+    """The module with the checkpoint's tensors as its parameters: built on the meta device (no memory, no random
+    init) and given the loaded tensors themselves, never a copy. A missing or unexpected key is an error."""
+    with torch.device("meta"):
+        module = module_class(config)
+    missing, unexpected = module.load_state_dict(state_dict, strict=False, assign=True)
+    if missing or unexpected:
+        raise UserError(f"{where}: weights do not fit the inferred architecture "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return module.eval().requires_grad_(False)

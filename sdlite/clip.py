@@ -1,0 +1,153 @@
+"""CLIP's text transformer (Radford et al. 2021): 77 token ids -> the context (B, 77, D) the UNet attends to.
+
+A stack of pre-LayerNorm transformer layers with causal self-attention, then a final LayerNorm; SD conditions on every
+position's output (no pooling, no projection). One class, two configs:
+  SD 1.x  OpenAI CLIP ViT-L/14's text tower: 12 layers, 768 wide, quick_gelu.
+  SD 2.x  OpenCLIP ViT-H/14's: 24 layers, 1024 wide, gelu; SD takes the output of the penultimate layer (then the
+          final LayerNorm), so its config has 23 layers and the last one is never loaded.
+
+Attribute names equal the keys of transformers' CLIPTextModel as diffusers folders store them (`text_model.` ...),
+so a folder's text_encoder/ loads through `with_text_model_prefix` alone; the single files' two layouts map through
+`clip_from_openai` and `clip_from_openclip`.
+"""
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP's sigmoid approximation of GELU
+    "gelu": F.gelu,
+}
+
+
+@dataclass
+class CLIPTextConfig:
+    """Defaults are SD 1.x's (OpenAI CLIP ViT-L/14); SD 2.x's: 1024, 4096, 23 layers, 16 heads, gelu."""
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    hidden_act: str = "quick_gelu"
+    vocab_size: int = 49408
+    max_position_embeddings: int = 77
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_json(cls, config: dict) -> "CLIPTextConfig":
+        """From a transformers config.json (text_encoder/config.json); other keys are ignored."""
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+
+
+class CLIPEncoderLayer(nn.Module):
+    """x + attention(LN(x)), then x + MLP(LN(x)); attention is causal: a position sees itself and those before it."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.heads = config.num_attention_heads
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.layer_norm1 = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.self_attn = nn.ModuleDict({name: nn.Linear(d, d) for name in ("q_proj", "k_proj", "v_proj", "out_proj")})
+        self.layer_norm2 = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.mlp = nn.ModuleDict({"fc1": nn.Linear(d, config.intermediate_size),
+                                  "fc2": nn.Linear(config.intermediate_size, d)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, m = self.self_attn, self.mlp
+        h = self.layer_norm1(x)
+        x = x + a.out_proj(attention(a.q_proj(h), a.k_proj(h), a.v_proj(h), self.heads, causal=True))
+        return x + m.fc2(self.act(m.fc1(self.layer_norm2(x))))
+
+
+class CLIPTextModel(nn.Module):
+    """ids (B, L <= 77) -> last_hidden_state (B, L, hidden_size): what the reference pipeline takes as prompt_embeds."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        # ModuleDicts only give the parameters transformers' names (text_model.embeddings.token_embedding.weight, ...).
+        self.text_model = nn.ModuleDict({
+            "embeddings": nn.ModuleDict({
+                "token_embedding": nn.Embedding(config.vocab_size, d),
+                "position_embedding": nn.Embedding(config.max_position_embeddings, d),  # learned, one per position
+            }),
+            "encoder": nn.ModuleDict({
+                "layers": nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)),
+            }),
+            "final_layer_norm": nn.LayerNorm(d, eps=config.layer_norm_eps),
+        })
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = self.text_model
+        x = t.embeddings.token_embedding(ids) + t.embeddings.position_embedding.weight[:ids.shape[1]]
+        for layer in t.encoder.layers:
+            x = layer(x)
+        return t.final_layer_norm(x)
+
+
+def with_text_model_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModel state dict in sdlite's names. transformers before 5.x saved its keys under
+    `text_model.`, 5.x saves them without; older files also hold `text_model.embeddings.position_ids`, the constant
+    0..76 that sdlite does not store (forward takes the first L position embeddings), so it is dropped."""
+    return {k if k.startswith("text_model.") else "text_model." + k: v
+            for k, v in sd.items() if not k.endswith("embeddings.position_ids")}
+
+
+def config_from_shapes(sd: dict[str, torch.Tensor], hidden_act: str) -> CLIPTextConfig:
+    """The config of a state dict in sdlite's names; heads are 64 wide in both CLIP text towers SD uses."""
+    vocab_size, hidden_size = sd["text_model.embeddings.token_embedding.weight"].shape
+    layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers."))
+    return CLIPTextConfig(
+        hidden_size=hidden_size,
+        intermediate_size=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=layers,
+        num_attention_heads=hidden_size // 64,
+        hidden_act=hidden_act,
+        vocab_size=vocab_size,
+        max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0])
+
+
+def clip_from_openai(sd: dict[str, torch.Tensor]) -> tuple[CLIPTextConfig, dict[str, torch.Tensor]]:
+    """SD 1.x single file, `cond_stage_model.` removed: `transformer.text_model.*`. The original code wrapped
+    transformers' CLIPTextModel, so past `transformer.` the keys are already sdlite's (but for position_ids)."""
+    sd = with_text_model_prefix({k.removeprefix("transformer."): v for k, v in sd.items()})
+    return config_from_shapes(sd, "quick_gelu"), sd
+
+
+OPENCLIP_NAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                  "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+
+
+def clip_from_openclip(sd: dict[str, torch.Tensor]) -> tuple[CLIPTextConfig, dict[str, torch.Tensor]]:
+    """SD 2.x single file, `cond_stage_model.` removed: OpenCLIP's names under `model.`. SD 2.x uses the output of
+    the penultimate block, so the last resblock is dropped; ln_final is still applied after it. text_projection and
+    logit_scale (CLIP's contrastive head) are unused. The fused attention input projection holds q, k and v stacked
+    along its output dimension."""
+    blocks = "model.transformer.resblocks."
+    last = max(int(k[len(blocks):].split(".")[0]) for k in sd if k.startswith(blocks))
+    out = {
+        "text_model.embeddings.token_embedding.weight": sd["model.token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": sd["model.positional_embedding"],
+        "text_model.final_layer_norm.weight": sd["model.ln_final.weight"],
+        "text_model.final_layer_norm.bias": sd["model.ln_final.bias"],
+    }
+    for key, value in sd.items():
+        if not key.startswith(blocks):
+            continue
+        n, name = key[len(blocks):].split(".", 1)  # "3", "attn.in_proj_weight"
+        if int(n) == last:
+            continue
+        layer = f"text_model.encoder.layers.{n}."
+        if name.startswith("attn.in_proj_"):
+            kind = name.removeprefix("attn.in_proj_")  # weight or bias
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3)):
+                out[f"{layer}self_attn.{proj}.{kind}"] = part
+        else:
+            module, kind = name.rsplit(".", 1)
+            out[layer + OPENCLIP_NAMES[module] + "." + kind] = value
+    return config_from_shapes(out, "gelu"), out

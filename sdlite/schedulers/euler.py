@@ -1,0 +1,30 @@
+"""Euler's method on the probability-flow ODE dx/dsigma = (x - x_0(x, sigma)) / sigma: Karras et al. 2022,
+"Elucidating the Design Space of Diffusion-Based Generative Models", algorithm 1 without its second-order
+correction (k-diffusion's sample_euler). Reference: diffusers' EulerDiscreteScheduler."""
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from . import schedule
+
+
+@dataclass
+class EulerConfig(schedule.TrainingSchedule):
+    timestep_spacing: str = "linspace"
+    use_karras_sigmas: bool = False  # space the sigmas by Karras et al. eq. 5
+    # Options of the reference that we do not implement: the only values accepted.
+    only: ClassVar[dict] = {"interpolation_type": ("linear",), "use_exponential_sigmas": (False,),
+                            "use_beta_sigmas": (False,), "sigma_min": (None,), "sigma_max": (None,),
+                            "timestep_type": ("discrete",), "final_sigmas_type": ("zero",),
+                            "rescale_betas_zero_snr": (False,)}
+
+
+class Euler(schedule.SigmaSampler):
+    def step(self, model_output: torch.Tensor, t, x: torch.Tensor, generator=None) -> torch.Tensor:
+        """x <- x + (sigma_next - sigma) d, d = (x - x_0) / sigma."""
+        sigma = self.sigmas[self.i]
+        x0 = schedule.denoised(self.cfg.prediction_type, model_output, x, sigma)
+        derivative = (x - x0) / sigma
+        self.i += 1
+        return x + derivative * (self.sigmas[self.i] - sigma)

@@ -1,0 +1,32 @@
+"""Euler ancestral: k-diffusion's sample_euler_ancestral. Each step is an Euler step of the probability-flow ODE
+(as in euler.py) to below the next noise level, plus fresh noise back up to it: the noise of DDIM with eta = 1
+(Song et al. 2021, eq. 16), in sigma terms. Reference: diffusers' EulerAncestralDiscreteScheduler."""
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from . import schedule
+
+
+@dataclass
+class EulerAncestralConfig(schedule.TrainingSchedule):
+    timestep_spacing: str = "linspace"
+    # Options of the reference that we do not implement: the only values accepted.
+    only: ClassVar[dict] = {"prediction_type": ("epsilon", "v_prediction"), "rescale_betas_zero_snr": (False,)}
+
+
+class EulerAncestral(schedule.SigmaSampler):
+    def step(self, model_output: torch.Tensor, t, x: torch.Tensor, generator=None) -> torch.Tensor:
+        """Euler step from sigma to sigma_down, then noise of std sigma_up, where sigma_down^2 + sigma_up^2 =
+        sigma_next^2 and sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2. The noise is drawn from
+        generator at every step, the last included (as in the reference)."""
+        sigma = self.sigmas[self.i]
+        sigma_next = self.sigmas[self.i + 1]
+        x0 = schedule.denoised(self.cfg.prediction_type, model_output, x, sigma)
+        sigma_up = (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5
+        sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
+        derivative = (x - x0) / sigma
+        x = x + derivative * (sigma_down - sigma)
+        self.i += 1
+        return x + schedule.noise_like(model_output, generator) * sigma_up

@@ -1,0 +1,397 @@
+"""The denoising UNet of Stable Diffusion 1.x and 2.x: eps (or v) = unet(x_t, t, text context).
+
+Latent diffusion (Rombach et al. 2022, sec. 3.3) on the UNet of DDPM (Ho et al. 2020): an encoder of resnet blocks
+that halves the resolution at each level, a middle block, and a decoder that doubles it back, each decoder block
+reading the encoder activation of its resolution (a "skip"). At the levels with attention every resnet is followed
+by a spatial transformer whose cross-attention reads the text encoder's output.
+
+    x (B, in, h, w) -> conv_in -> down_blocks[0..L-1] -> mid_block -> up_blocks[0..L-1] -> norm, silu, conv_out
+                                   |  each leaves skips    ^ each consumes skips, deepest first
+                                   +-----------------------+
+
+Attribute names are diffusers' state-dict keys (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight`),
+so a diffusers unet/ folder loads as it is; `unet_from_ldm` renames the original single-file keys.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention
+
+
+@dataclass
+class UNetConfig:
+    """Defaults are Stable Diffusion 1.x's."""
+    in_channels: int = 4                       # 9 for inpainting: latents, mask, masked-image latents
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)   # channels of each level
+    layers_per_block: int = 2                  # resnets per encoder level (the decoder has one more)
+    attention_levels: tuple[bool, ...] = (True, True, True, False)  # levels with transformers (the mid block has one)
+    heads: tuple[int, ...] = (8, 8, 8, 8)      # attention heads per level; the mid block uses the last
+    transformer_depth: int = 1                 # transformer blocks per spatial transformer
+    cross_attention_dim: int = 768             # width of the text context (SD 2.x: 1024)
+    use_linear_projection: bool = False        # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
+    upcast_attention: bool = False             # SD 2.x: attention in fp32
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.block_out_channels[0]
+
+    @classmethod
+    def from_json(cls, cfg: dict) -> "UNetConfig":
+        """From a diffusers unet/config.json."""
+        levels = len(cfg["block_out_channels"])
+        # diffusers quirk: in SD configs "attention_head_dim" is the number of heads (8, or [5, 10, 20, 20] in SD 2)
+        heads = cfg.get("num_attention_heads") or cfg["attention_head_dim"]
+        return cls(
+            in_channels=cfg["in_channels"],
+            out_channels=cfg["out_channels"],
+            block_out_channels=tuple(cfg["block_out_channels"]),
+            layers_per_block=cfg["layers_per_block"],
+            attention_levels=tuple(kind.startswith("CrossAttn") for kind in cfg["down_block_types"]),
+            heads=(heads,) * levels if isinstance(heads, int) else tuple(heads),
+            transformer_depth=cfg.get("transformer_layers_per_block", 1),
+            cross_attention_dim=cfg["cross_attention_dim"],
+            use_linear_projection=cfg.get("use_linear_projection", False),
+            upcast_attention=cfg.get("upcast_attention", False),
+        )
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B,) timesteps -> (B, dim) = [cos(t f_i), sin(t f_i)], f_i = 10000^(-i / (dim/2)): the Transformer's sinusoidal
+    position encoding (Vaswani et al. 2017, sec. 3.5) with t as the position, as DDPM embeds it (cosines first)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t[:, None].float() * freqs[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """The MLP that turns the sinusoidal embedding into the vector every resnet block is conditioned on."""
+
+    def __init__(self, channels: int, embed_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(channels, embed_dim)
+        self.linear_2 = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(t_emb)))
+
+
+class ResnetBlock(nn.Module):
+    """Two 3x3 convs with a residual (He et al. 2016), the time embedding added in between (DDPM's resnet block)."""
+
+    def __init__(self, in_channels: int, out_channels: int, embed_dim: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(32, in_channels, eps=1e-5)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(embed_dim, out_channels)
+        self.norm2 = nn.GroupNorm(32, out_channels, eps=1e-5)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.conv_shortcut(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention of x over itself (context None) or over the text context (cross-attention)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, upcast: bool):
+        super().__init__()
+        self.heads, self.upcast = heads, upcast
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])   # a list only for the key name to_out.0
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    """x -> a * gelu(b), a and b the two halves of one projection (Shazeer 2020, "GLU Variants Improve Transformer")."""
+
+    def __init__(self, dim: int, inner_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(b)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        # net.1 is the reference's dropout, which does nothing at inference; it keeps the keys net.0 and net.2
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: self-attention, cross-attention to the text, feed-forward, each residual."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, dim, heads, upcast)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, context_dim, heads, upcast)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer blocks over the h*w pixels of a feature map as tokens, with a residual around them all
+    (Rombach et al. 2022, sec. 3.3: how the text conditions the UNet)."""
+
+    def __init__(self, cfg: UNetConfig, level: int):
+        super().__init__()
+        channels = cfg.block_out_channels[level]
+        self.linear = cfg.use_linear_projection
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(channels, cfg.heads[level], cfg.cross_attention_dim, cfg.upcast_attention)
+            for _ in range(cfg.transformer_depth))
+        self.proj_out = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x)
+        if not self.linear:
+            tokens = self.proj_in(tokens)
+        tokens = tokens.permute(0, 2, 3, 1).reshape(b, h * w, c)   # (B, h*w, C)
+        if self.linear:
+            tokens = self.proj_in(tokens)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        if self.linear:
+            tokens = self.proj_out(tokens)
+        # (B, C, h, w), contiguous like the reference's: convs round differently on channels-last memory
+        out = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+        if not self.linear:
+            out = self.proj_out(out)
+        return out + x
+
+
+class Downsample(nn.Module):
+    """Halves height and width with a stride-2 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)   # h -> ceil(h / 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling, then a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        """To `size`, that of the skip met next: twice x's, or one less where the skip is odd (5 -> 9)."""
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class DownBlock(nn.Module):
+    """One encoder level: resnets (each followed by a transformer at attention levels), then a stride-2 conv
+    except at the deepest level. Every output is kept as a skip."""
+
+    def __init__(self, cfg: UNetConfig, level: int, in_channels: int):
+        super().__init__()
+        out = cfg.block_out_channels[level]
+        n = cfg.layers_per_block
+        self.resnets = nn.ModuleList(
+            ResnetBlock(in_channels if i == 0 else out, out, cfg.time_embed_dim) for i in range(n))
+        self.attentions = nn.ModuleList(
+            SpatialTransformer(cfg, level) for _ in range(n if cfg.attention_levels[level] else 0))
+        deepest = level == len(cfg.block_out_channels) - 1
+        self.downsamplers = nn.ModuleList([] if deepest else [Downsample(out)])
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, emb)
+            if self.attentions:
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        for downsample in self.downsamplers:
+            x = downsample(x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """One decoder level: layers_per_block + 1 resnets, each on its input concatenated with a skip (then a
+    transformer at attention levels), then a 2x upsampling except at the top level."""
+
+    def __init__(self, cfg: UNetConfig, level: int, in_channels: int, skip_channels: list[int]):
+        super().__init__()
+        out = cfg.block_out_channels[level]
+        n = cfg.layers_per_block + 1
+        self.resnets = nn.ModuleList(
+            ResnetBlock((in_channels if i == 0 else out) + skip_channels[i], out, cfg.time_embed_dim)
+            for i in range(n))
+        self.attentions = nn.ModuleList(
+            SpatialTransformer(cfg, level) for _ in range(n if cfg.attention_levels[level] else 0))
+        self.upsamplers = nn.ModuleList([] if level == 0 else [Upsample(out)])
+
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor,
+                context: torch.Tensor) -> torch.Tensor:
+        """Pops its skips off the end of `skips`."""
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), emb)
+            if self.attentions:
+                x = self.attentions[i](x, context)
+        for upsample in self.upsamplers:
+            x = upsample(x, skips[-1].shape[-2:])
+        return x
+
+
+class MidBlock(nn.Module):
+    """resnet, transformer, resnet at the deepest level."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        channels = cfg.block_out_channels[-1]
+        self.resnets = nn.ModuleList(ResnetBlock(channels, channels, cfg.time_embed_dim) for _ in range(2))
+        self.attentions = nn.ModuleList([SpatialTransformer(cfg, -1)])
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x, emb)
+        x = self.attentions[0](x, context)
+        return self.resnets[1](x, emb)
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        channels = config.block_out_channels
+        self.time_embedding = TimestepEmbedding(channels[0], config.time_embed_dim)
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+
+        self.down_blocks = nn.ModuleList()
+        skip_channels = [channels[0]]   # of every skip the encoder leaves, in order: conv_in's, then each block's
+        for level, out in enumerate(channels):
+            block = DownBlock(config, level, channels[max(level - 1, 0)])
+            self.down_blocks.append(block)
+            skip_channels += [out] * (len(block.resnets) + len(block.downsamplers))
+
+        self.mid_block = MidBlock(config)
+
+        self.up_blocks = nn.ModuleList()
+        n = config.layers_per_block + 1   # skips each decoder level takes
+        for level in reversed(range(len(channels))):
+            skip_channels, taken = skip_channels[:-n], skip_channels[-n:][::-1]   # the decoder takes them last first
+            in_channels = channels[min(level + 1, len(channels) - 1)]            # the deeper level's, or the mid's
+            self.up_blocks.append(UpBlock(config, level, in_channels, taken))
+
+        self.conv_norm_out = nn.GroupNorm(32, channels[0], eps=1e-5)
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: float | int | torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x (B, in, h, w), t a number or a 0-d or (B,) tensor, context (B, 77, cross_attention_dim)
+        -> (B, out, h, w)."""
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        t_emb = timestep_embedding(t, self.config.block_out_channels[0]).to(x.dtype)
+        emb = self.time_embedding(t_emb)                    # (B, time_embed_dim)
+
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, emb, context)
+            skips += block_skips
+        x = self.mid_block(x, emb, context)
+        for block in self.up_blocks:
+            x = block(x, skips, emb, context)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+# ---- the original single-file layout (CompVis/Stability "model.diffusion_model.*") ----
+
+# leaf modules the original names differently: the top-level ones, then those inside a resnet or downsampler
+LDM_NAMES = {
+    "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+    "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+    "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut", "op": "conv",
+}
+
+
+def ldm_to_diffusers_key(key: str, layers_per_block: int) -> str:
+    """`output_blocks.4.1.proj_in.weight` -> `up_blocks.1.attentions.1.proj_in.weight` (for 2 layers per block).
+
+    The original numbers the blocks of each half consecutively: input_blocks.0 is conv_in, then each level has
+    layers_per_block blocks [resnet, transformer] and one [downsampler]; output_blocks has layers_per_block + 1
+    blocks per level [resnet, transformer, upsampler], the upsampler in the last. middle_block is resnet,
+    transformer, resnet. A transformer's inner names are diffusers' already.
+    """
+    path, param = key.rsplit(".", 1)
+    if path in LDM_NAMES:
+        return f"{LDM_NAMES[path]}.{param}"
+    half, index, *inner = path.split(".")
+    index = int(index)
+    if half == "middle_block":
+        block = "mid_block.attentions.0" if index == 1 else f"mid_block.resnets.{index // 2}"
+    else:
+        position, *inner = inner
+        if half == "input_blocks":
+            level, i = divmod(index - 1, layers_per_block + 1)
+            side, resampler = "down_blocks", "downsamplers"
+        else:
+            level, i = divmod(index, layers_per_block + 1)
+            side, resampler = "up_blocks", "upsamplers"
+        if inner in (["op"], ["conv"]):
+            block = f"{side}.{level}.{resampler}.0"
+        else:
+            block = f"{side}.{level}.{['resnets', 'attentions'][int(position)]}.{i}"
+    inner = ".".join(inner)
+    return f"{block}.{LDM_NAMES.get(inner, inner)}.{param}"
+
+
+def unet_from_ldm(sd: dict[str, torch.Tensor]) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
+    """Config and diffusers-named weights of an original single-file UNet (keys without `model.diffusion_model.`),
+    the architecture read off the tensor shapes (the idea of ComfyUI's model_detection)."""
+    levels = 1 + sum(k.endswith(".op.weight") for k in sd)               # a downsampler on all levels but the last
+    n_input = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
+    layers = n_input // levels - 1                                       # n_input = 1 + levels * layers + levels - 1
+    first = [1 + level * (layers + 1) for level in range(levels)]       # each level's first input block
+    channels = tuple(sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] for i in first)
+    mid = "middle_block.1."
+    sd2 = sd[mid + "proj_in.weight"].ndim == 2   # SD 2.x: Linear projections, 64-dim heads, upcast attention
+    config = UNetConfig(
+        in_channels=sd["input_blocks.0.0.weight"].shape[1],
+        out_channels=sd["out.2.weight"].shape[0],
+        block_out_channels=channels,
+        layers_per_block=layers,
+        attention_levels=tuple(f"input_blocks.{i}.1.proj_in.weight" in sd for i in first),
+        heads=tuple(c // 64 for c in channels) if sd2 else (8,) * levels,
+        transformer_depth=len({k.split(".")[3] for k in sd if k.startswith(mid + "transformer_blocks.")}),
+        cross_attention_dim=sd[mid + "transformer_blocks.0.attn2.to_k.weight"].shape[1],
+        use_linear_projection=sd2,
+        upcast_attention=sd2,
+    )
+    return config, {ldm_to_diffusers_key(k, layers): v for k, v in sd.items()}

@@ -1,0 +1,266 @@
+"""The variational autoencoder that takes images to Stable Diffusion's latent space and back.
+
+This is the KL-regularised autoencoder of Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
+Diffusion Models" (section 3 and appendix G). A convolutional encoder E maps an image x to the mean and
+log-variance of a diagonal Gaussian posterior q(z|x), as in a VAE (Kingma & Welling 2014, "Auto-Encoding
+Variational Bayes"). A mirrored decoder D maps a latent z back to pixels. Images are in [-1, 1]. With
+L = len(block_out_channels) levels, an H x W image has latents of about H / 2^(L-1) x W / 2^(L-1): H/8 x W/8 in SD.
+The pipeline, not this file, multiplies latents by `scaling_factor` to bring them to roughly unit variance.
+
+Module names equal the keys of diffusers' AutoencoderKL state dict. `vae_from_ldm` renames the original
+CompVis single-file layout.
+"""
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention
+
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # width of each resolution level, highest first
+    layers_per_block: int = 2  # resnets per encoder level (the decoder has one more)
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215  # applied by the pipeline: latents = scaling_factor * z
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
+
+    @classmethod
+    def from_json(cls, config: dict) -> "VAEConfig":
+        """From a parsed diffusers vae/config.json. Keys that this model has no use for are ignored."""
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+
+
+class DiagonalGaussian:
+    """The posterior q(z|x) = N(mean, diag(exp(logvar))) that the encoder outputs (Kingma & Welling 2014, eq. 9)."""
+
+    def __init__(self, moments: torch.Tensor):  # (B, 2 * latent_channels, h, w)
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z = mean + std * eps with eps ~ N(0, I): the reparameterisation trick (Kingma & Welling 2014, section 2.4).
+
+        eps is one randn of the mean's shape and dtype, drawn on the generator's device and then moved to the
+        mean's, as diffusers does. So a generator seeded the same way gives the same z.
+        """
+        device = self.mean.device if generator is None else generator.device
+        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps.to(self.mean.device)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+
+class ResnetBlock(nn.Module):
+    """Residual block with pre-activation (He et al. 2016): x + conv(silu(norm(conv(silu(norm(x))))))."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=1e-6)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        # When the width changes, a 1x1 convolution brings the skip path to the new width.
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention with one head over all h*w positions, added to its input."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # a list so that the key is diffusers' `to_out.0`
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, h*w, C)
+        out = attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), heads=1)
+        out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)  # a channels-last view
+        # `out` comes first so that the sum stays channels-last, as in diffusers: the convolutions that follow round
+        # differently in that memory layout, and this keeps them bit-identical to the reference.
+        return out + x
+
+
+class Downsample(nn.Module):
+    """Halves height and width with a stride-2 3x3 convolution. As in LDM, the input is padded on the right and the
+    bottom only, so an input h high gives h // 2."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Doubles height and width: nearest-neighbour upsampling, then a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def resnet_chain(in_channels: int, out_channels: int, layers: int, groups: int) -> nn.Sequential:
+    """`layers` resnets in a row, the first of which changes the width."""
+    return nn.Sequential(*(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups)
+                           for i in range(layers)))
+
+
+class DownBlock(nn.Sequential):
+    """One encoder level, run in order: resnets at one resolution, then a downsample (none at the last level)."""
+
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool):
+        super().__init__(OrderedDict(
+            resnets=resnet_chain(in_channels, out_channels, layers, groups),
+            downsamplers=nn.Sequential(Downsample(out_channels)) if downsample else nn.Sequential()))
+
+
+class UpBlock(nn.Sequential):
+    """One decoder level, run in order: resnets at one resolution, then an upsample (none at the last level)."""
+
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool):
+        super().__init__(OrderedDict(
+            resnets=resnet_chain(in_channels, out_channels, layers, groups),
+            upsamplers=nn.Sequential(Upsample(out_channels)) if upsample else nn.Sequential()))
+
+
+class MidBlock(nn.Module):
+    """resnet, self-attention, resnet: at the lowest resolution, the only place where attention is used."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups), ResnetBlock(channels, channels, groups)])
+        self.attentions = nn.ModuleList([AttentionBlock(channels, groups)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class Encoder(nn.Module):
+    """Image (B, in_channels, H, W) -> moments (B, 2 * latent_channels, h, w), mean and log-variance stacked."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        widths, groups = config.block_out_channels, config.norm_num_groups
+        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownBlock(c_in, c_out, config.layers_per_block, groups, downsample=i < len(widths) - 1)
+            for i, (c_in, c_out) in enumerate(zip(widths[:1] + widths[:-1], widths)))
+        self.mid_block = MidBlock(widths[-1], groups)
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """Latent (B, latent_channels, h, w) -> image (B, out_channels, H, W), climbing the levels in reverse."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        widths, groups = config.block_out_channels[::-1], config.norm_num_groups  # lowest resolution first
+        self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
+        self.mid_block = MidBlock(widths[0], groups)
+        self.up_blocks = nn.ModuleList(
+            UpBlock(c_in, c_out, config.layers_per_block + 1, groups, upsample=i < len(widths) - 1)
+            for i, (c_in, c_out) in enumerate(zip(widths[:1] + widths[:-1], widths)))
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(widths[-1], config.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    """The autoencoder of Rombach et al. 2022, with 1x1 convolutions (quant_conv, post_quant_conv) between the
+    encoder, the latent space and the decoder."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        self.decoder = Decoder(config)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """q(z|x) for images x (B, C, H, W) in [-1, 1]."""
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images in about [-1, 1] for latents z (B, latent_channels, h, w), not scaled by scaling_factor."""
+        return self.decoder(self.post_quant_conv(z))
+
+
+# Components of LDM key names that diffusers calls differently. The other components are the same in both.
+_LDM_TO_DIFFUSERS = {
+    "down": "down_blocks", "up": "up_blocks", "block": "resnets", "nin_shortcut": "conv_shortcut",
+    "downsample": "downsamplers.0", "upsample": "upsamplers.0", "norm_out": "conv_norm_out",
+    "mid": "mid_block", "block_1": "resnets.0", "attn_1": "attentions.0", "block_2": "resnets.1",
+    "norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0",  # inside attn_1
+}
+
+
+def vae_from_ldm(sd: dict[str, torch.Tensor]) -> tuple[VAEConfig, dict[str, torch.Tensor]]:
+    """The config and the diffusers-named state dict for VAE weights in the original single-file (LDM) layout.
+
+    `sd` has its `first_stage_model.` prefix already removed. Keys outside the autoencoder, such as the training
+    loss's `loss.*`, are dropped. The config comes from the weight shapes. LDM always uses 32 GroupNorm groups and
+    keeps the scaling factor in its yaml, so those two keep their SD defaults.
+    """
+    def count(pattern: str) -> int:
+        return sum(re.fullmatch(pattern, key) is not None for key in sd)
+
+    levels = count(r"encoder\.down\.\d+\.block\.0\.conv1\.weight")
+    config = VAEConfig(
+        in_channels=sd["encoder.conv_in.weight"].shape[1],
+        out_channels=sd["decoder.conv_out.weight"].shape[0],
+        latent_channels=sd["post_quant_conv.weight"].shape[0],
+        block_out_channels=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)),
+        layers_per_block=count(r"encoder\.down\.0\.block\.\d+\.conv1\.weight"),
+    )
+    state_dict = {}
+    for key, value in sd.items():
+        parts = key.split(".")
+        if parts[0] not in ("encoder", "decoder", "quant_conv", "post_quant_conv"):
+            continue
+        if parts[:2] == ["decoder", "up"]:  # LDM numbers the decoder's levels from the image end, diffusers from z
+            parts[2] = str(levels - 1 - int(parts[2]))
+        name = ".".join(_LDM_TO_DIFFUSERS.get(part, part) for part in parts)
+        if ".attentions." in name and value.ndim == 4:  # LDM's q, k, v and proj_out are 1x1 convolutions
+            value = value[:, :, 0, 0]
+        state_dict[name] = value
+    return config, state_dict

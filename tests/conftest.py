@@ -1,0 +1,38 @@
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models: one thread is faster than two fighting over small kernels, and results do not depend on it."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory) -> Path:
+    """Tokenizer folders written by transformers: sd1/, sd2/ (tokenizer.json) and sd1_legacy/, sd2_legacy/
+    (the Hub's vocab.json + merges.txt), unpacked from make_text.py's archive."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    with tarfile.open(FIXTURES / "tokenizer_folders.tar.xz") as tar:
+        tar.extractall(root, filter="data")
+    return root
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, folders) -> Path:
+    """The random-weight checkpoints that make_pipelines.py wrote with diffusers/transformers in both official
+    layouts (sd1/ and sd2/ diffusers folders, sd1.safetensors and sd2.safetensors single files), unpacked from the
+    zip they are committed in. The folders' tokenizer/ is the tokenizer fixture's own (sd1/ and sd2_legacy/)."""
+    where = tmp_path_factory.mktemp("checkpoints")
+    with zipfile.ZipFile(FIXTURES / "pipelines" / "checkpoints.zip") as z:
+        z.extractall(where)
+    shutil.copytree(folders / "sd1", where / "sd1" / "tokenizer")
+    shutil.copytree(folders / "sd2_legacy", where / "sd2" / "tokenizer")
+    return where

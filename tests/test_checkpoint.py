@@ -1,0 +1,101 @@
+"""Loading: both official layouts give the same modules; family, padding and prediction type are read right."""
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sdlite
+
+
+def state(pipe, name):
+    return getattr(pipe, name).state_dict()
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_single_file_and_folder_hold_the_same_weights(checkpoints, family):
+    """sd1.safetensors is stored in fp16 and sd2's folder as the .fp16 variant: loading takes both to fp32."""
+    folder, single = sdlite.load(checkpoints / family), sdlite.load(checkpoints / f"{family}.safetensors")
+    for name in ("text_encoder", "unet", "vae"):
+        a, b = state(folder, name), state(single, name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].dtype == torch.float32 and torch.equal(a[key], b[key]), f"{name}.{key}"
+    assert folder.unet.config == single.unet.config
+    assert folder.vae.config == single.vae.config
+    assert folder.text_encoder.config == single.text_encoder.config
+
+
+def test_families_are_told_apart(checkpoints):
+    sd1, sd2 = sdlite.load(checkpoints / "sd1.safetensors"), sdlite.load(checkpoints / "sd2.safetensors")
+    assert (sd1.family, sd2.family) == ("sd1", "sd2")
+    assert sd1.text_encoder.config.hidden_act == "quick_gelu" and sd2.text_encoder.config.hidden_act == "gelu"
+    assert sd1.unet.config.use_linear_projection is False and sd2.unet.config.use_linear_projection is True
+    # SD 1.x pads prompts with end-of-text, SD 2.x with id 0
+    assert sd1.tokenizer(["a"])[0, -1] == 49407 and sd2.tokenizer(["a"])[0, -1] == 0
+    assert sdlite.load(checkpoints / "sd2").tokenizer(["a"])[0, -1] == 0
+
+
+def test_sd2_single_file_is_v_prediction_unless_told(checkpoints):
+    path = checkpoints / "sd2.safetensors"
+    assert sdlite.load(path).scheduler_config["prediction_type"] == "v_prediction"
+    assert sdlite.load(path, prediction_type="epsilon").scheduler_config["prediction_type"] == "epsilon"
+    assert sdlite.load(checkpoints / "sd1.safetensors").scheduler_config.get("prediction_type", "epsilon") == "epsilon"
+    with pytest.raises(sdlite.UserError, match="unknown prediction type"):
+        sdlite.load(path, prediction_type="x0")
+
+
+def test_text_encoder_keys_with_or_without_text_model_prefix(checkpoints, tmp_path):
+    folder = tmp_path / "sd1"
+    shutil.copytree(checkpoints / "sd1", folder)
+    weights = folder / "text_encoder" / "model.safetensors"
+    sd = load_file(weights)
+    had_prefix = all(k.startswith("text_model.") for k in sd)
+    flipped = {k.removeprefix("text_model.") if had_prefix else "text_model." + k: v for k, v in sd.items()}
+    save_file(flipped, weights)
+    a = sdlite.load(checkpoints / "sd1").text_encoder.state_dict()
+    b = sdlite.load(folder).text_encoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dtype_is_honoured(checkpoints, dtype):
+    pipe = sdlite.load(checkpoints / "sd1.safetensors", dtype=dtype)
+    for name in ("text_encoder", "unet", "vae"):
+        assert {p.dtype for p in getattr(pipe, name).parameters()} == {dtype}
+
+
+def test_folder_missing_a_component_is_a_user_error(checkpoints, tmp_path):
+    folder = tmp_path / "sd1"
+    shutil.copytree(checkpoints / "sd1", folder)
+    shutil.rmtree(folder / "vae")
+    with pytest.raises(sdlite.UserError, match=r"vae.config\.json is missing"):
+        sdlite.load(folder)
+
+
+def test_hub_id_is_downloaded_with_huggingface_hub(checkpoints, monkeypatch):
+    """No network in tests: snapshot_download is replaced by one that 'downloads' the sd1 folder."""
+    import huggingface_hub
+    asked = []
+
+    def fake_download(repo_id, allow_patterns):
+        asked.append((repo_id, allow_patterns))
+        return str(checkpoints / "sd1")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    pipe = sdlite.load("someone/tiny-sd")
+    repo_id, patterns = asked[0]
+    assert repo_id == "someone/tiny-sd" and "*/diffusion_pytorch_model.safetensors" in patterns
+    assert pipe.family == "sd1"
+
+
+def test_hub_failure_is_one_clear_line(monkeypatch):
+    import huggingface_hub
+
+    def offline(repo_id, allow_patterns):
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(sdlite.UserError) as e:
+        sdlite.load("someone/tiny-sd")
+    assert "could not download 'someone/tiny-sd'" in str(e.value) and "\n" not in str(e.value)

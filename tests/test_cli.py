@@ -1,0 +1,121 @@
+"""Bad input: one clear line on stderr, a non-zero exit, no traceback, no output file left behind."""
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from sdlite.__main__ import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_refused(code, err, *words):
+    assert code != 0
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    for word in words:
+        assert word in err
+
+
+def test_missing_model_path(capsys, tmp_path):
+    out = tmp_path / "a.png"
+    code, err = run_cli(capsys, "txt2img", "a castle", "--model", str(tmp_path / "nope.safetensors"), "--out", str(out))
+    assert_refused(code, err, "model not found", "nope.safetensors")
+    assert not out.exists()
+
+
+def test_truncated_safetensors(capsys, tmp_path, checkpoints):
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes((checkpoints / "sd1.safetensors").read_bytes()[:5000])
+    out = tmp_path / "a.png"
+    code, err = run_cli(capsys, "txt2img", "a castle", "--model", str(bad), "--out", str(out))
+    assert_refused(code, err, "not a readable safetensors file")
+    assert not out.exists()
+
+
+def test_not_a_safetensors_file(capsys, tmp_path):
+    bad = tmp_path / "notes.safetensors"
+    bad.write_text("these are not weights")
+    code, err = run_cli(capsys, "txt2img", "a castle", "--model", str(bad), "--out", str(tmp_path / "a.png"))
+    assert_refused(code, err, "not a readable safetensors file")
+    assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_not_a_stable_diffusion_checkpoint(capsys, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    other = tmp_path / "classifier.safetensors"
+    save_file({"fc.weight": torch.zeros(2, 3)}, other)
+    code, err = run_cli(capsys, "txt2img", "a castle", "--model", str(other), "--out", str(tmp_path / "a.png"))
+    assert_refused(code, err, "not a Stable Diffusion checkpoint")
+    assert list(tmp_path.iterdir()) == [other]
+
+
+def test_pickled_checkpoint_with_code_is_refused(capsys, tmp_path):
+    """A .ckpt is opened only by torch's weights-only loader: a pickle that would run code is refused."""
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(pickle.dumps({"state_dict": Exploit()}))
+    code, err = run_cli(capsys, "txt2img", "a castle", "--model", str(bad), "--out", str(tmp_path / "a.png"))
+    assert_refused(code, err, "weights-only", "safetensors")
+    assert "this ran" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value, words", [
+    ("--width", "60", ["width", "multiple of 8", "60"]),
+    ("--height", "44", ["height", "multiple of 8", "44"]),
+    ("--steps", "0", ["steps", "at least 1"]),
+    ("--batch-size", "0", ["batch size", "at least 1"]),
+])
+def test_bad_generation_settings(capsys, tmp_path, checkpoints, flag, value, words):
+    out = tmp_path / "a.png"
+    code, err = run_cli(capsys, "txt2img", "a castle", "--model", str(checkpoints / "sd1"), "--steps", "2",
+                        "--width", "40", "--height", "48", flag, value, "--out", str(out))
+    assert_refused(code, err, *words)
+    assert not out.exists()
+
+
+def test_unknown_scheduler_is_a_usage_error(tmp_path):
+    """argparse rejects it before any model is loaded, naming the choices."""
+    result = subprocess.run([sys.executable, "-m", "sdlite", "txt2img", "a castle", "--scheduler", "heun",
+                             "--out", str(tmp_path / "a.png")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "invalid choice: 'heun'" in result.stderr and "ddim" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_existing_output_is_not_overwritten(capsys, tmp_path, checkpoints):
+    out = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), "red").save(out)
+    before = out.read_bytes()
+    code, err = run_cli(capsys, "txt2img", "a castle", "--model", str(checkpoints / "sd1"), "--steps", "1",
+                        "--width", "40", "--height", "48", "--out", str(out))
+    assert_refused(code, err, "exists", "--overwrite")
+    assert out.read_bytes() == before
+
+
+def test_cli_writes_png_with_parameters_and_overwrites_only_when_asked(tmp_path, checkpoints):
+    """The real entry point end to end: progress on stderr, the PNG's A1111 'parameters' chunk."""
+    out = tmp_path / "castle.png"
+    Image.new("RGB", (8, 8), "red").save(out)
+    cmd = [sys.executable, "-m", "sdlite", "txt2img", "a castle", "--model", str(checkpoints / "sd1.safetensors"),
+           "--negative-prompt", "blurry", "--steps", "3", "--width", "40", "--height", "48", "--seed", "7",
+           "--scheduler", "ddim", "--guidance-scale", "5", "--out", str(out), "--overwrite"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "3/3 steps" in result.stderr
+    image = Image.open(out)
+    assert image.size == (40, 48)
+    assert image.text["parameters"] == ("a castle\nNegative prompt: blurry\nSteps: 3, Sampler: DDIM, CFG scale: 5.0, "
+                                        "Seed: 7, Size: 40x48, Model: sd1")
+    assert [p.name for p in tmp_path.iterdir()] == ["castle.png"]

@@ -1,0 +1,78 @@
+"""The parity contract: for the same checkpoint, prompt, settings and seed, sdlite's txt2img gives the uint8 images
+of diffusers' StableDiffusionPipeline (with the scheduler swapped in by from_config): at most 2 levels apart on any
+pixel and 0.05 on average. For SD1-like and SD2-like (v-prediction) checkpoints, both layouts, every sampler, a
+batch of 2 and non-square sizes. The reference images come from make_pipelines.py."""
+import json
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+import sdlite
+
+from conftest import FIXTURES
+
+with safe_open(FIXTURES / "pipelines" / "images.safetensors", "np") as f:
+    REFERENCE = {name: f.get_tensor(name) for name in f.keys()}
+    CASES = json.loads(f.metadata()["cases"])
+
+LAYOUTS = {"folder": "{family}", "single file": "{family}.safetensors"}
+_loaded = {}
+
+
+def pipeline(checkpoints, family: str, layout: str) -> sdlite.Pipeline:
+    key = (family, layout)
+    if key not in _loaded:
+        _loaded[key] = sdlite.load(checkpoints / LAYOUTS[layout].format(family=family))
+    return _loaded[key]
+
+
+def assert_same_images(images, reference: np.ndarray) -> None:
+    got = np.stack([np.asarray(image) for image in images])
+    assert got.shape == reference.shape
+    diff = np.abs(got.astype(np.int16) - reference.astype(np.int16))
+    assert diff.max() <= 2 and diff.mean() <= 0.05, f"max {diff.max()}, mean {diff.mean():.4f}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASES)
+def test_txt2img_matches_reference(checkpoints, case, layout):
+    c = CASES[case]
+    pipe = pipeline(checkpoints, c["family"], layout)
+    images = pipe.txt2img(c["prompt"], negative_prompt=c["negative_prompt"], steps=c["steps"],
+                          guidance_scale=c["guidance_scale"], width=c["width"], height=c["height"], seed=c["seed"],
+                          scheduler=c["scheduler"], batch_size=c["batch_size"])
+    assert_same_images(images, REFERENCE[case])
+
+
+def test_a_seed_means_one_image_and_another_seed_another(checkpoints):
+    pipe = pipeline(checkpoints, "sd1", "folder")
+    settings = dict(steps=2, width=40, height=32, scheduler="ddim")
+    a, b, c = (pipe.txt2img("a castle", seed=s, **settings)[0] for s in (5, 5, 6))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_default_scheduler_and_size_come_from_the_checkpoint(checkpoints):
+    """The folder's scheduler_config.json and unet sample_size; for single files, the family's convention."""
+    assert pipeline(checkpoints, "sd1", "folder").default_scheduler == "pndm"
+    assert pipeline(checkpoints, "sd2", "folder").default_scheduler == "ddim"
+    assert pipeline(checkpoints, "sd1", "folder").default_size == 6 * 8
+    assert pipeline(checkpoints, "sd1", "single file").default_size == 512
+    assert pipeline(checkpoints, "sd2", "single file").default_size == 768
+
+
+def test_parameters_text_is_what_automatic1111_writes(checkpoints):
+    pipe = pipeline(checkpoints, "sd2", "folder")
+    images = pipe.txt2img("a castle", negative_prompt="blurry", steps=1, guidance_scale=7.0, width=32, height=24,
+                          seed=3, scheduler="euler_a", batch_size=2)
+    assert [im.info["parameters"] for im in images] == [
+        "a castle\nNegative prompt: blurry\nSteps: 1, Sampler: Euler a, CFG scale: 7.0, Seed: 3, Size: 32x24, "
+        f"Model: sd2, Batch size: 2, Batch pos: {i}" for i in range(2)]
+
+
+def test_progress_is_reported_each_step(checkpoints):
+    calls = []
+    pipeline(checkpoints, "sd1", "folder").txt2img("a castle", steps=3, width=32, height=32, scheduler="ddim",
+                                                   progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
