@@ -32,37 +32,64 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sdlite", description="Stable Diffusion in plain PyTorch")
     commands = p.add_subparsers(dest="command", required=True)
     txt2img = commands.add_parser("txt2img", help="generate images from a prompt")
-    txt2img.add_argument("prompt")
-    txt2img.add_argument("--model", help="a .safetensors file, a diffusers folder or a Hub id "
-                                         "(default: the small model in weights/default)")
-    txt2img.add_argument("--negative-prompt", default="")
-    txt2img.add_argument("--steps", type=int, default=50)
-    txt2img.add_argument("--guidance-scale", type=float, default=7.5)
+    add_generation_flags(txt2img)
     txt2img.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's own size)")
     txt2img.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's own size)")
-    txt2img.add_argument("--seed", type=int, help="default: a random seed, written into the PNG")
-    txt2img.add_argument("--scheduler", choices=schedulers.NAMES, help="default: the checkpoint's own")
-    txt2img.add_argument("--batch-size", type=int, default=1)
-    txt2img.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
-                         help="override what the checkpoint is taken to predict (SD 2.x single files: v_prediction)")
-    txt2img.add_argument("--dtype", choices=DTYPES, default="fp32")
-    txt2img.add_argument("--device", default="cpu")
-    txt2img.add_argument("--out", type=Path, help="output PNG; with --batch-size N, NAME-0.png ... NAME-(N-1).png "
-                                                  "(default: txt2img-SEED.png)")
-    txt2img.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    img2img = commands.add_parser("img2img", help="redraw an image after a prompt")
+    add_generation_flags(img2img)
+    img2img.add_argument("--image", type=Path, required=True, help="the starting image (its size, cut to a "
+                                                                  "multiple of 8, is the output's)")
+    img2img.add_argument("--strength", type=float, default=0.8, help="how much to change it, 0 to 1 (default 0.8)")
+    inpaint = commands.add_parser("inpaint", help="repaint the masked part of an image")
+    add_generation_flags(inpaint)
+    inpaint.add_argument("--image", type=Path, required=True)
+    inpaint.add_argument("--mask", type=Path, required=True, help="white = repaint, black = keep; the image's size")
+    inpaint.add_argument("--strength", type=float, default=1.0)
+    inpaint.add_argument("--mask-blur", type=float, default=0, help="Gaussian blur radius of the mask, in pixels")
+    inpaint.add_argument("--keep-unmasked", action="store_true",
+                         help="paste the input back outside the mask, so those pixels stay exactly as they were")
     return p
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt")
+    p.add_argument("--model", help="a .safetensors file, a diffusers folder or a Hub id "
+                                   "(default: the small model in weights/default)")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--seed", type=int, help="default: a random seed, written into the PNG")
+    p.add_argument("--scheduler", choices=schedulers.NAMES, help="default: the checkpoint's own")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                   help="override what the checkpoint is taken to predict (SD 2.x single files: v_prediction)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, help="output PNG; with --batch-size N, NAME-0.png ... NAME-(N-1).png "
+                                            "(default: COMMAND-SEED.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
 def run(args: argparse.Namespace) -> None:
     model = args.model or DEFAULT_MODEL
     if args.model is None and not DEFAULT_MODEL.exists():
         raise UserError(f"no --model given and no default model at {DEFAULT_MODEL}")
+    for flag in ("image", "mask"):
+        path = getattr(args, flag, None)
+        if path is not None and not path.is_file():
+            raise UserError(f"--{flag}: no such file: {path}")
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**32, ()).item())
     outputs = output_paths(args.out or Path(f"{args.command}-{seed}.png"), args.batch_size, args.overwrite)
     pipe = load(model, dtype=DTYPES[args.dtype], device=args.device, prediction_type=args.prediction_type)
-    images = pipe.txt2img(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                          guidance_scale=args.guidance_scale, width=args.width, height=args.height, seed=seed,
-                          scheduler=args.scheduler, batch_size=args.batch_size, progress=ProgressBar())
+    settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+                    seed=seed, scheduler=args.scheduler, batch_size=args.batch_size, progress=ProgressBar())
+    if args.command == "txt2img":
+        images = pipe.txt2img(args.prompt, width=args.width, height=args.height, **settings)
+    elif args.command == "img2img":
+        images = pipe.img2img(args.prompt, args.image, strength=args.strength, **settings)
+    else:
+        images = pipe.inpaint(args.prompt, args.image, args.mask, strength=args.strength, mask_blur=args.mask_blur,
+                              keep_unmasked=args.keep_unmasked, **settings)
     for image, path in zip(images, outputs):
         save_png(image, path, overwrite=args.overwrite)
         print(path)

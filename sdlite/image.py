@@ -9,6 +9,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .errors import UserError
@@ -58,3 +60,17 @@ def open_rgb(image: str | Path | Image.Image, what: str = "image") -> Image.Imag
         raise UserError(f"{what} not found: {image}") from None
     except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"{image}: not an image file ({e})") from None
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB image -> (1, 3, H, W) float32 in [-1, 1], as the VAE takes it."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)       # (H, W, 3) in [0, 1]
+    return (pixels.permute(2, 0, 1)[None] * 2 - 1).contiguous()
+
+
+def paste_unmasked(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+    """The original wherever the mask ("L", white = repainted) is black, the generated image where it is white,
+    and a blend of the two where a blurred mask is grey. Keeps the generated image's metadata."""
+    out = Image.composite(generated, original, mask)
+    out.info = dict(generated.info)
+    return out

@@ -12,21 +12,34 @@ All randomness comes from one torch.Generator seeded once, drawn in the referenc
 image as in diffusers.
 """
 import random
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
 
 from . import schedulers
 from .clip import CLIPTextModel
 from .errors import UserError
-from .image import generation_parameters
+from .image import generation_parameters, open_rgb, paste_unmasked, to_tensor
 from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import AutoencoderKL
 
 Progress = Callable[[int, int], None]  # called with (steps done, steps in all)
+ImageInput = Image.Image | str | Path
+
+
+@dataclass
+class Run:
+    """What one call sets up before its loop."""
+    sampler: object                 # from sdlite.schedulers.make
+    generator: torch.Generator      # seeded once; every random draw of the call comes from it
+    context: torch.Tensor           # (2B or B, 77, D) text-encoder output: negative prompt first when guided
+    parameters: str                 # the PNG "parameters" text
 
 
 class Pipeline:
@@ -64,21 +77,103 @@ class Pipeline:
     def txt2img(self, prompt: str, negative_prompt: str = "", steps: int = 50, guidance_scale: float = 7.5,
                 width: int | None = None, height: int | None = None, seed: int | None = None,
                 scheduler: str | None = None, batch_size: int = 1, progress: Progress | None = None) -> list[Image.Image]:
+        """Images from pure noise (as diffusers' StableDiffusionPipeline)."""
+        if self.unet.config.in_channels != 4:
+            raise UserError("this is an inpainting checkpoint (9 input channels): use inpaint")
         width, height = width or self.default_size, height or self.default_size
+        run = self.start(prompt, negative_prompt, steps, guidance_scale, width, height, seed, scheduler, batch_size)
+        timesteps = run.sampler.set_timesteps(steps)
+        noise = torch.randn(self.latent_shape(batch_size, width, height), generator=run.generator, dtype=self.dtype)
+        x = noise.to(self.device) * run.sampler.init_sigma
+        x = self.denoise(x, run, timesteps, guidance_scale, progress)
+        return self.decode(x, run.parameters)
+
+    @torch.no_grad()
+    def img2img(self, prompt: str, image: ImageInput, strength: float = 0.8, negative_prompt: str = "",
+                steps: int = 50, guidance_scale: float = 7.5, seed: int | None = None, scheduler: str | None = None,
+                batch_size: int = 1, progress: Progress | None = None) -> list[Image.Image]:
+        """Images that start from `image` noised to the timestep `strength` picks (SDEdit, Meng et al. 2022): the
+        last strength * steps steps of the schedule are run (as diffusers' StableDiffusionImg2ImgPipeline)."""
+        if self.unet.config.in_channels != 4:
+            raise UserError("this is an inpainting checkpoint (9 input channels): use inpaint")
+        image = self.fit(open_rgb(image))
+        run = self.start(prompt, negative_prompt, steps, guidance_scale, *image.size, seed, scheduler, batch_size,
+                         strength)
+        timesteps = self.partial_timesteps(run.sampler, steps, strength)
+        x0 = self.encode_image(to_tensor(image), run.generator).repeat(batch_size, 1, 1, 1)
+        noise = torch.randn(x0.shape, generator=run.generator, dtype=self.dtype).to(self.device)
+        x = run.sampler.add_noise(x0, noise, timesteps[:1].repeat(batch_size))
+        x = self.denoise(x, run, timesteps, guidance_scale, progress)
+        return self.decode(x, run.parameters)
+
+    @torch.no_grad()
+    def inpaint(self, prompt: str, image: ImageInput, mask: ImageInput, strength: float = 1.0,
+                negative_prompt: str = "", steps: int = 50, guidance_scale: float = 7.5, seed: int | None = None,
+                scheduler: str | None = None, batch_size: int = 1, mask_blur: float = 0,
+                keep_unmasked: bool = False, progress: Progress | None = None) -> list[Image.Image]:
+        """Repaint the white part of `mask`, keep the black part (as diffusers' StableDiffusionInpaintPipeline).
+
+        A 9-channel inpainting UNet sees the mask and the masked image's latents beside x at every step; a
+        4-channel UNet does not, so after every step the known region of x is replaced by the image's latents
+        noised to the next timestep (RePaint-style blending, Lugmayr et al. 2022). `mask_blur` is a Gaussian blur
+        radius in pixels applied to the mask first; `keep_unmasked` pastes the input back over the output wherever
+        the (blurred) mask is not white, so that pixels outside the mask are exactly the input's.
+        """
+        image, mask = open_rgb(image), open_rgb(mask, what="mask").convert("L")
+        if mask.size != image.size:
+            raise UserError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is "
+                            f"{image.size[0]}x{image.size[1]}: give a mask of the image's size")
+        if mask_blur > 0:
+            mask = mask.filter(ImageFilter.GaussianBlur(mask_blur))
+        image, mask = self.fit(image), self.fit(mask)
+        pixels = to_tensor(image)                                                  # (1, 3, H, W) in [-1, 1]
+        m = (torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255) >= 0.5).float()[None, None]  # (1, 1, H, W)
+        if not m.any():
+            raise UserError("the mask is all black: nothing to repaint (white marks the region to repaint)")
+        run = self.start(prompt, negative_prompt, steps, guidance_scale, *image.size, seed, scheduler, batch_size,
+                         strength)
+        timesteps = self.partial_timesteps(run.sampler, steps, strength)
+        nine_channels = self.unet.config.in_channels == 9
+
+        # The generator is drawn in the reference's order: image latents (when needed), noise, masked-image latents.
+        known = None
+        if not nine_channels or strength < 1:
+            known = self.encode_image(pixels, run.generator).repeat(batch_size, 1, 1, 1)
+        noise = torch.randn(self.latent_shape(batch_size, *image.size), generator=run.generator, dtype=self.dtype)
+        noise = noise.to(self.device)
+        if strength < 1:
+            x = run.sampler.add_noise(known, noise, timesteps[:1].repeat(batch_size))
+        else:
+            x = noise * run.sampler.init_sigma
+        masked_latents = self.encode_image(pixels * (m < 0.5), run.generator).repeat(batch_size, 1, 1, 1)
+        latent_mask = F.interpolate(m, size=x.shape[-2:]).to(self.device, self.dtype).repeat(batch_size, 1, 1, 1)
+
+        if nine_channels:
+            x = self.denoise(x, run, timesteps, guidance_scale, progress,
+                             extra_channels=torch.cat([latent_mask, masked_latents], dim=1))
+        else:
+            x = self.denoise(x, run, timesteps, guidance_scale, progress, keep=(known, noise, latent_mask))
+        images = self.decode(x, run.parameters)
+        if keep_unmasked:
+            images = [paste_unmasked(generated, image, mask) for generated in images]
+        return images
+
+    def start(self, prompt: str, negative_prompt: str, steps: int, guidance_scale: float, width: int, height: int,
+              seed: int | None, scheduler: str | None, batch_size: int, strength: float | None = None) -> "Run":
+        """Check the settings, seed the generator, build the sampler and encode the prompts."""
         scheduler = scheduler or self.default_scheduler
         self.check(steps=steps, width=width, height=height, scheduler=scheduler, batch_size=batch_size)
+        if strength is not None and not 0 <= strength <= 1:
+            raise UserError(f"strength must be between 0 and 1, not {strength}")
         seed = random.randrange(2**32) if seed is None else seed
-        generator = torch.Generator("cpu").manual_seed(seed)
-        sampler = schedulers.make(scheduler, self.scheduler_config)
-
-        context = self.encode_prompt(prompt, negative_prompt, batch_size, guidance_scale)
-        shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
-        x = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device) * sampler.init_sigma
-        x = self.denoise(x, sampler, sampler.set_timesteps(steps), context, guidance_scale, generator, progress)
-
-        return self.decode(x, generation_parameters(prompt, negative_prompt, {
-            "Steps": steps, "Sampler": scheduler, "CFG scale": guidance_scale, "Seed": seed,
-            "Size": f"{width}x{height}", "Model": self.name}))
+        fields = {"Steps": steps, "Sampler": scheduler, "CFG scale": guidance_scale, "Seed": seed,
+                  "Size": f"{width}x{height}", "Model": self.name}
+        if strength is not None:
+            fields["Denoising strength"] = strength
+        return Run(sampler=schedulers.make(scheduler, self.scheduler_config),
+                   generator=torch.Generator("cpu").manual_seed(seed),
+                   context=self.encode_prompt(prompt, negative_prompt, batch_size, guidance_scale),
+                   parameters=generation_parameters(prompt, negative_prompt, fields))
 
     def check(self, steps: int, width: int, height: int, scheduler: str, batch_size: int) -> None:
         if scheduler not in schedulers.NAMES:
@@ -91,6 +186,30 @@ class Pipeline:
             if value < self.vae_scale or value % self.vae_scale:
                 raise UserError(f"{side} must be a positive multiple of {self.vae_scale}, not {value}")
 
+    @staticmethod
+    def partial_timesteps(sampler, steps: int, strength: float) -> torch.Tensor:
+        timesteps = sampler.set_timesteps(steps, strength)
+        if len(timesteps) == 0:
+            raise UserError(f"strength {strength} with {steps} steps leaves no step to run: raise either")
+        return timesteps
+
+    def fit(self, image: Image.Image) -> Image.Image:
+        """The image cut down to a multiple of the VAE's factor (8) on each side, resized with Lanczos as the
+        reference does."""
+        w, h = (side - side % self.vae_scale for side in image.size)
+        if w == 0 or h == 0:
+            raise UserError(f"the image is {image.size[0]}x{image.size[1]}: it must be at least "
+                            f"{self.vae_scale} pixels on each side")
+        return image if (w, h) == image.size else image.resize((w, h), Image.LANCZOS)
+
+    def latent_shape(self, batch_size: int, width: int, height: int) -> tuple[int, int, int, int]:
+        return batch_size, self.vae.config.latent_channels, height // self.vae_scale, width // self.vae_scale
+
+    def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(1, 3, H, W) pixels in [-1, 1] -> (1, 4, H/8, W/8) latents: a sample of the VAE's posterior, scaled."""
+        posterior = self.vae.encode(pixels.to(self.device, self.dtype))
+        return self.vae.config.scaling_factor * posterior.sample(generator)
+
     def encode_prompt(self, prompt: str, negative_prompt: str, batch_size: int, guidance_scale: float) -> torch.Tensor:
         """(2B, 77, D): B copies of the negative prompt's context, then B of the prompt's; (B, 77, D) without guidance."""
         prompts = [negative_prompt or "", prompt] if guidance_scale > 1 else [prompt]
@@ -98,17 +217,30 @@ class Pipeline:
         contexts = [self.text_encoder(self.tokenizer([p]).to(self.device)) for p in prompts]
         return torch.cat([c.repeat(batch_size, 1, 1) for c in contexts])
 
-    def denoise(self, x: torch.Tensor, sampler, timesteps: torch.Tensor, context: torch.Tensor,
-                guidance_scale: float, generator: torch.Generator, progress: Progress | None) -> torch.Tensor:
-        """The loop: x_T -> x_0 in latent space."""
+    def denoise(self, x: torch.Tensor, run: "Run", timesteps: torch.Tensor, guidance_scale: float,
+                progress: Progress | None, extra_channels: torch.Tensor | None = None,
+                keep: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The loop: x_t -> x_0 in latent space.
+
+        extra_channels  (B, 5, h, w) mask and masked-image latents, put beside x for a 9-channel inpainting UNet
+        keep            (image latents, noise, mask) of 4-channel inpainting: outside the mask, x is set back to
+                        the image's latents noised to the next timestep after each step
+        """
         guided = guidance_scale > 1
         for i, t in enumerate(timesteps):
-            x_in = torch.cat([x, x]) if guided else x
-            out = self.unet(sampler.scale_input(x_in, t), t, context)
+            x_in = run.sampler.scale_input(torch.cat([x, x]) if guided else x, t)
+            if extra_channels is not None:
+                x_in = torch.cat([x_in, torch.cat([extra_channels] * 2) if guided else extra_channels], dim=1)
+            out = self.unet(x_in, t, run.context)
             if guided:
                 uncond, cond = out.chunk(2)
                 out = uncond + guidance_scale * (cond - uncond)
-            x = sampler.step(out, t, x, generator)
+            x = run.sampler.step(out, t, x, run.generator)
+            if keep is not None:
+                known, noise, mask = keep
+                if i < len(timesteps) - 1:
+                    known = run.sampler.add_noise(known, noise, timesteps[i + 1:i + 2])
+                x = (1 - mask) * known + mask * x
             if progress:
                 progress(i + 1, len(timesteps))
         return x

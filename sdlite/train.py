@@ -60,8 +60,8 @@ SAMPLE_PROMPTS = ["a red circle", "a blue square on the left", "a small green tr
 # The default model's architecture: SD's classes, miniature widths (64 x 64 images, 8 x 8 x 4 latents as in SD).
 DEFAULT_VAE = VAEConfig(block_out_channels=(8, 16, 32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8)
 DEFAULT_TEXT = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
-DEFAULT_UNET = UNetConfig(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(True, True, True),
-                          heads=(4, 4, 4), cross_attention_dim=64)
+DEFAULT_UNET = UNetConfig(block_out_channels=(32, 64), layers_per_block=1, attention_levels=(True, True),
+                          heads=(4, 4), cross_attention_dim=64)
 PIXEL_UNET = UNetConfig(in_channels=3, out_channels=3, block_out_channels=(32, 64, 128), layers_per_block=1,
                         attention_levels=(False, False, True), heads=(4, 4, 4), cross_attention_dim=32)
 
@@ -102,7 +102,8 @@ class EMA:
     def update(self, model: torch.nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
         for ema, p in zip(self.model.parameters(), model.parameters()):
-            ema.lerp_(p.detach(), 1 - d)
+            if p.requires_grad:  # frozen parameters stay equal
+                ema.lerp_(p.detach(), 1 - d)
 
 
 Loss = Callable[[torch.nn.Module, torch.Generator], torch.Tensor]  # (model, the step's generator) -> scalar loss
@@ -358,7 +359,7 @@ def train_pixel(images: torch.Tensor, unet_config: UNetConfig, config: TrainConf
 def sample_pixels(unet: UNet, scheduler_config: dict, n: int, size: int, steps: int, seed: int) -> torch.Tensor:
     """The sampling loop of an unconditional pixel model: x_T ~ N(0, I), then the scheduler's steps to x_0."""
     generator = torch.Generator().manual_seed(seed)
-    sampler = schedulers.make(schedulers.name_of_class(scheduler_config["_class_name"]), scheduler_config)
+    sampler = schedulers.make(schedulers.CLASS_NAMES[scheduler_config["_class_name"]], scheduler_config)
     x = torch.randn(n, unet.config.in_channels, size, size, generator=generator) * sampler.init_sigma
     for t in sampler.set_timesteps(steps):
         x = sampler.step(unet(sampler.scale_input(x, t), t, null_context(unet, n)), t, x, generator)
@@ -530,7 +531,7 @@ def run(args: argparse.Namespace) -> None:
         vae = train_vae(images, vae_config, TrainConfig(**{**asdict(config), "steps": args.vae_steps,
                                                                 "batch_size": args.vae_batch_size}), args.out)
         pipe = new_pipeline(vae, size, args.seed, args.out.name)
-    pipe = train_text_to_image(pipe, images, captions, config, args.out, args.train_text_encoder or args.model is None,
-                               args.prediction_type)
+    pipe = train_text_to_image(pipe, images, captions, config, args.out, args.train_text_encoder,
+                               args.prediction_type, SAMPLE_PROMPTS if args.data == "scenes" else captions[:6])
     save_folder(pipe, args.out)
     print(f"saved {args.out}", flush=True)

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -119,3 +120,110 @@ def test_cli_writes_png_with_parameters_and_overwrites_only_when_asked(tmp_path,
     assert image.text["parameters"] == ("a castle\nNegative prompt: blurry\nSteps: 3, Sampler: DDIM, CFG scale: 5.0, "
                                         "Seed: 7, Size: 40x48, Model: sd1")
     assert [p.name for p in tmp_path.iterdir()] == ["castle.png"]
+
+
+# --- img2img and inpainting ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def picture(tmp_path):
+    path = tmp_path / "photo.png"
+    Image.radial_gradient("L").resize((48, 40)).convert("RGB").save(path)
+    return path
+
+
+def white_box_mask(path, size=(48, 40), box=(10, 8, 30, 30)):
+    mask = Image.new("L", size, 0)
+    mask.paste(255, box)
+    mask.save(path)
+    return path
+
+
+@pytest.mark.parametrize("strength", ["1.5", "-0.1"])
+def test_strength_outside_0_1(capsys, tmp_path, checkpoints, picture, strength):
+    out = tmp_path / "a.png"
+    code, err = run_cli(capsys, "img2img", "a castle", "--model", str(checkpoints / "sd1"), "--image", str(picture),
+                        "--strength", strength, "--steps", "2", "--out", str(out))
+    assert_refused(code, err, "strength must be between 0 and 1", strength)
+    assert not out.exists()
+
+
+def test_not_an_image_file(capsys, tmp_path, checkpoints):
+    notes = tmp_path / "notes.png"
+    notes.write_text("not a picture")
+    out = tmp_path / "a.png"
+    code, err = run_cli(capsys, "img2img", "a castle", "--model", str(checkpoints / "sd1"), "--image", str(notes),
+                        "--steps", "2", "--out", str(out))
+    assert_refused(code, err, "not an image file", "notes.png")
+    assert not out.exists()
+
+
+def test_missing_image(capsys, tmp_path):
+    out = tmp_path / "a.png"
+    code, err = run_cli(capsys, "img2img", "a castle", "--model", "whatever", "--image", str(tmp_path / "gone.png"),
+                        "--out", str(out))
+    assert_refused(code, err, "--image", "gone.png")
+
+
+def test_mask_of_another_size_is_refused(capsys, tmp_path, checkpoints, picture):
+    mask = white_box_mask(tmp_path / "mask.png", size=(40, 40))
+    out = tmp_path / "a.png"
+    code, err = run_cli(capsys, "inpaint", "a cat", "--model", str(checkpoints / "sd1"), "--image", str(picture),
+                        "--mask", str(mask), "--steps", "2", "--out", str(out))
+    assert_refused(code, err, "mask is 40x40 but the image is 48x40")
+    assert not out.exists()
+
+
+def test_all_black_mask_is_refused(capsys, tmp_path, checkpoints, picture):
+    mask = white_box_mask(tmp_path / "mask.png", box=(0, 0, 0, 0))
+    out = tmp_path / "a.png"
+    code, err = run_cli(capsys, "inpaint", "a cat", "--model", str(checkpoints / "sd1"), "--image", str(picture),
+                        "--mask", str(mask), "--steps", "2", "--out", str(out))
+    assert_refused(code, err, "all black", "nothing to repaint")
+    assert not out.exists()
+
+
+def test_txt2img_on_an_inpainting_checkpoint_is_refused(capsys, tmp_path, checkpoints):
+    code, err = run_cli(capsys, "txt2img", "a cat", "--model", str(checkpoints / "sd1-inpaint.safetensors"),
+                        "--steps", "2", "--width", "32", "--height", "32", "--out", str(tmp_path / "a.png"))
+    assert_refused(code, err, "inpainting checkpoint", "inpaint")
+
+
+def test_rgba_and_greyscale_inputs_are_converted(tmp_path, checkpoints, picture):
+    """The same picture as RGB, RGBA (opaque) and as an 'LA' greyscale+alpha file give the RGB picture's result."""
+    import sdlite
+    pipe = sdlite.load(checkpoints / "sd1")
+    grey = Image.open(picture).convert("L")
+    settings = dict(strength=0.5, steps=2, seed=1, scheduler="ddim")
+    rgb = pipe.img2img("a castle", grey.convert("RGB"), **settings)[0]
+    rgba = pipe.img2img("a castle", grey.convert("RGBA"), **settings)[0]
+    la = pipe.img2img("a castle", grey.convert("LA"), **settings)[0]
+    assert np.array_equal(np.asarray(rgb), np.asarray(rgba)) and np.array_equal(np.asarray(rgb), np.asarray(la))
+
+
+def test_inpaint_cli_keep_unmasked_keeps_every_pixel_outside_the_mask(tmp_path, checkpoints, picture):
+    mask = white_box_mask(tmp_path / "mask.png")
+    out = tmp_path / "cat.png"
+    result = subprocess.run([sys.executable, "-m", "sdlite", "inpaint", "a black cat", "--model",
+                             str(checkpoints / "sd1-inpaint.safetensors"), "--image", str(picture), "--mask",
+                             str(mask), "--steps", "2", "--seed", "3", "--keep-unmasked", "--out", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    got, before, m = (np.asarray(Image.open(p).convert("RGB")) for p in (out, picture, mask))
+    outside, inside = m[..., 0] == 0, m[..., 0] == 255
+    assert np.array_equal(got[outside], before[outside])
+    assert not np.array_equal(got[inside], before[inside])
+    assert "Denoising strength: 1.0" in Image.open(out).text["parameters"]
+
+
+def test_mask_blur_softens_the_pasted_edge(checkpoints, picture, tmp_path):
+    import sdlite
+    pipe = sdlite.load(checkpoints / "sd1-inpaint.safetensors")
+    mask = white_box_mask(tmp_path / "mask.png")
+    settings = dict(steps=2, seed=3, scheduler="ddim", keep_unmasked=True)
+    sharp = np.asarray(pipe.inpaint("a cat", picture, mask, **settings)[0]).astype(int)
+    soft = np.asarray(pipe.inpaint("a cat", picture, mask, mask_blur=4, **settings)[0]).astype(int)
+    before = np.asarray(Image.open(picture).convert("RGB")).astype(int)
+    # just outside the box: kept exactly without blur, blended with the repainted region with it
+    ring = (slice(8, 30), slice(31, 33))
+    assert np.array_equal(sharp[ring], before[ring])
+    assert not np.array_equal(soft[ring], before[ring])
