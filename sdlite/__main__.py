@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from . import schedulers
+from . import schedulers, train
 from .checkpoint import load
 from .errors import UserError
 from .image import save_png
@@ -18,7 +18,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        run(args)
+        args.run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -48,10 +48,12 @@ def parser() -> argparse.ArgumentParser:
     inpaint.add_argument("--mask-blur", type=float, default=0, help="Gaussian blur radius of the mask, in pixels")
     inpaint.add_argument("--keep-unmasked", action="store_true",
                          help="paste the input back outside the mask, so those pixels stay exactly as they were")
+    train.add_command(commands)
     return p
 
 
 def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(run=generate)
     p.add_argument("prompt")
     p.add_argument("--model", help="a .safetensors file, a diffusers folder or a Hub id "
                                    "(default: the small model in weights/default)")
@@ -70,7 +72,8 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
-def run(args: argparse.Namespace) -> None:
+def generate(args: argparse.Namespace) -> None:
+    """txt2img, img2img and inpaint: load, generate, write the PNGs."""
     model = args.model or DEFAULT_MODEL
     if args.model is None and not DEFAULT_MODEL.exists():
         raise UserError(f"no --model given and no default model at {DEFAULT_MODEL}")

@@ -13,6 +13,7 @@
 """
 import json
 from pathlib import Path
+from unittest import mock
 
 import torch
 from safetensors import SafetensorError
@@ -147,7 +148,8 @@ def weights_file(folder: Path, stem: str) -> Path:
 def build(module_class, config, state_dict: dict[str, torch.Tensor], where: Path) -> torch.nn.Module:
     """The module with the checkpoint's tensors as its parameters: built on the meta device (no memory, no random
     init) and given the loaded tensors themselves, never a copy. A missing or unexpected key is an error."""
-    with torch.device("meta"):
+    # normal_ (nn.Embedding's init) is skipped: on the meta device it does nothing but import torch._dynamo, seconds
+    with torch.device("meta"), mock.patch("torch.nn.init.normal_", lambda tensor, *args, **kwargs: tensor):
         module = module_class(config)
     missing, unexpected = module.load_state_dict(state_dict, strict=False, assign=True)
     if missing or unexpected:

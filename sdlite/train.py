@@ -38,6 +38,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from . import scenes, schedulers
+from .checkpoint import load
 from .clip import CLIPTextConfig, CLIPTextModel
 from .errors import UserError
 from .image import open_rgb
@@ -276,7 +277,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of q(z|x) for every image, unscaled: computed once, so training samples z without the encoder."""
     posteriors = [vae.encode(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     return torch.cat([p.mean for p in posteriors]).float(), torch.cat([p.std for p in posteriors]).float()
@@ -293,8 +294,8 @@ def grid(images: list[Image.Image], columns: int) -> Image.Image:
 
 # --- the stages ---
 
-def train_vae(images: torch.Tensor, vae_config: VAEConfig, config: TrainConfig, out: Path,
-              kl_weight: float = 1e-4) -> AutoencoderKL:
+def train_vae(images: torch.Tensor, vae_config: VAEConfig, kl_weight: float, config: TrainConfig,
+              out: Path) -> AutoencoderKL:
     """A VAE from scratch; its scaling factor is then set to 1 / std of the latents (Rombach et al. sec. 4.3.2)."""
     torch.manual_seed(config.seed)
     vae = AutoencoderKL(vae_config)
@@ -315,13 +316,16 @@ def train_vae(images: torch.Tensor, vae_config: VAEConfig, config: TrainConfig, 
 
 
 def train_text_to_image(pipe: Pipeline, images: torch.Tensor, captions: list[str], config: TrainConfig, out: Path,
-                        train_text_encoder: bool, prediction_type: str, prompts: list[str]) -> Pipeline:
-    """The pipeline's UNet (and text encoder, if asked) trained on latents of the images, the VAE frozen; sample
-    grids show `prompts`. Returns the pipeline with the EMA weights."""
+                        train_text_encoder: bool, prompts: list[str]) -> Pipeline:
+    """The pipeline's UNet (and text encoder, if asked) trained on latents of the images, the VAE frozen, to predict
+    what its scheduler config's prediction_type says; sample grids show `prompts`. Returns the pipeline with the EMA
+    weights."""
     scale = pipe.vae.config.scaling_factor
     mean, std = encode(pipe.vae, images)
     ids, empty_ids = pipe.tokenizer(captions), pipe.tokenizer([""])
-    pipe.scheduler_config["prediction_type"] = prediction_type
+    prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(f"training a UNet that predicts {prediction_type!r} is not supported (epsilon, v_prediction)")
     alpha_bar = alphas_cumprod(schedule_of(pipe.scheduler_config))
     model = TextToImage(pipe.text_encoder, pipe.unet, train_text_encoder).train()
 
@@ -484,14 +488,17 @@ def add_command(subparsers) -> None:
                                                         "fine-tuning uses the checkpoint's own size)")
     p.add_argument("--scenes", type=int, default=10000, help="number of generated scene images (--data scenes)")
     p.add_argument("--steps", type=int, default=4000, help="UNet training steps")
-    p.add_argument("--vae-steps", type=int, default=1500, help="VAE training steps (new latent models)")
+    p.add_argument("--vae-steps", type=int, default=2000, help="VAE training steps (new latent models)")
     p.add_argument("--batch-size", type=int, default=32, help="UNet batch size")
     p.add_argument("--vae-batch-size", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-6, help="weight of the VAE's KL term")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (fine-tuning: use ~1e-5)")
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                   help="what the UNet predicts (default: epsilon for a new model, the checkpoint's own when fine-tuning)")
     p.add_argument("--train-text-encoder", action="store_true", help="train the text encoder with the UNet "
                                                                      "(SD keeps CLIP frozen)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
@@ -512,7 +519,6 @@ def run(args: argparse.Namespace) -> None:
                          sample_every=args.sample_every, save_every=args.save_every)
     pipe = None
     if args.model:
-        from .checkpoint import load
         pipe = load(args.model)
     size = pipe.default_size if pipe else args.size
     if args.data == "scenes":
@@ -527,11 +533,13 @@ def run(args: argparse.Namespace) -> None:
         write_json(args.out / "scheduler" / "scheduler_config.json", DDPM_SCHEDULE)
         return
     if pipe is None:
-        vae_config = VAEConfig(**asdict(DEFAULT_VAE))
-        vae = train_vae(images, vae_config, TrainConfig(**{**asdict(config), "steps": args.vae_steps,
-                                                                "batch_size": args.vae_batch_size}), args.out)
+        vae_training = TrainConfig(**{**asdict(config), "steps": args.vae_steps, "batch_size": args.vae_batch_size,
+                                      "lr": args.vae_lr})
+        vae = train_vae(images, VAEConfig(**asdict(DEFAULT_VAE)), args.kl_weight, vae_training, args.out)
         pipe = new_pipeline(vae, size, args.seed, args.out.name)
+    if args.prediction_type:
+        pipe.scheduler_config["prediction_type"] = args.prediction_type
     pipe = train_text_to_image(pipe, images, captions, config, args.out, args.train_text_encoder,
-                               args.prediction_type, SAMPLE_PROMPTS if args.data == "scenes" else captions[:6])
+                               SAMPLE_PROMPTS if args.data == "scenes" else captions[:6])
     save_folder(pipe, args.out)
     print(f"saved {args.out}", flush=True)
