@@ -99,3 +99,15 @@ def test_progress_is_reported_each_step(checkpoints):
     pipeline(checkpoints, "sd1", "folder").txt2img("a castle", steps=3, width=32, height=32, scheduler="ddim",
                                                    progress=lambda done, total: calls.append((done, total)))
     assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "euler", "dpmpp_2m"])
+def test_bf16_runs_every_task(checkpoints, scheduler):
+    """In bf16 the samplers keep the latents in bf16 (the UNet would refuse fp32 input next to bf16 weights)."""
+    import torch
+    pipe = sdlite.load(checkpoints / "sd2.safetensors", dtype=torch.bfloat16)
+    settings = dict(steps=3, seed=1, scheduler=scheduler)
+    images = [pipe.txt2img("a castle", width=56, height=40, **settings)[0],
+              pipe.img2img("a castle", INPUTS / "init.png", strength=0.7, **settings)[0],
+              pipe.inpaint("a cat", INPUTS / "init.png", INPUTS / "mask.png", strength=0.7, **settings)[0]]
+    assert [image.size for image in images] == [(56, 40)] * 3

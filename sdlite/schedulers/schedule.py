@@ -217,7 +217,7 @@ class Sampler:
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Sample q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I) (Ho et al. eq. 4), t: one per item."""
-        alpha_bar = self.alphas_cumprod[t.long()].view(-1, *[1] * (x0.ndim - 1))
+        alpha_bar = self.alphas_cumprod.to(x0.dtype)[t.long()].view(-1, *[1] * (x0.ndim - 1))
         return alpha_bar ** 0.5 * x0 + (1 - alpha_bar) ** 0.5 * noise
 
 
@@ -238,7 +238,7 @@ class SigmaSampler(Sampler):
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_0 + sigma noise at the current step (the img2img start); like the reference, t is not looked at."""
-        return x0 + noise * self.sigmas[self.i]
+        return x0 + noise * self.sigmas[self.i].to(x0.dtype)
 
 
 class MultistepSampler(Sampler):
@@ -247,5 +247,5 @@ class MultistepSampler(Sampler):
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """alpha x_0 + sigma noise at the current step (the img2img start); like the reference, t is not looked at."""
-        alpha, sigma = alpha_sigma(self.sigmas[self.i])
+        alpha, sigma = alpha_sigma(self.sigmas[self.i].to(x0.dtype))
         return alpha * x0 + sigma * noise
