@@ -56,7 +56,7 @@ def worker(system: str, dtype: torch.dtype) -> dict:
     start = time.perf_counter()
     if system == "sdlite":
         import sdlite
-        pipe = sdlite.load(folder("sd1"), dtype=dtype, fast=True)
+        pipe = sdlite.load(folder("sd1"), dtype=dtype)
         load = time.perf_counter() - start
         encode = lambda: pipe.encode_prompt(PROMPT, NEGATIVE, 1, GUIDANCE)
         unet = lambda: pipe.unet(latents, 500, context)
@@ -143,7 +143,7 @@ def main() -> None:
               "diffusers % peak", "target"]
     peaks = ", ".join(f"{name} {peak[name] / 1e9:.0f} GFLOP/s" for name in DTYPES)
     text = (f"## Speed and memory next to diffusers\n\n{about}\n\n`python benchmarks/speed.py`: random-weight SD 1.5 "
-            f"at full size from its diffusers folder; sdlite with `sdlite.load(folder, dtype, fast=True)`, diffusers "
+            f"at full size from its diffusers folder; sdlite with `sdlite.load(folder, dtype)`, diffusers "
             f"with `StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)`. UNet step: a guided batch of "
             f"2 at {SIDE}x{SIDE}; VAE decode: one {SIDE}x{SIDE} image; txt2img: {STEPS} steps at {SIDE}x{SIDE}, "
             f"guidance {GUIDANCE}, the PNDM scheduler, PIL images out. Seconds are the best of {ROUNDS} processes "

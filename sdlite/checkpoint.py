@@ -16,8 +16,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from .clip import CLIPTextConfig, CLIPTextModel, clip_from_openai, clip_from_openclip, with_text_model_prefix
 from .errors import UserError
@@ -41,7 +40,7 @@ def load(model: str | Path, dtype: torch.dtype = torch.float32, device: str | to
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise UserError(f"unknown prediction type {prediction_type!r}: use 'epsilon' or 'v_prediction'")
     path = resolve(model)
-    pipe = load_folder(path) if path.is_dir() else load_single_file(path)
+    pipe = load_folder(path, dtype) if path.is_dir() else load_single_file(path, dtype)
     if prediction_type is not None:
         pipe.scheduler_config["prediction_type"] = prediction_type
     return pipe.to(device=device, dtype=dtype)
@@ -52,7 +51,8 @@ def resolve(model: str | Path) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         return path
-    looks_like_hub_id = isinstance(model, str) and model.count("/") == 1 and not path.suffix
+    looks_like_hub_id = (isinstance(model, str) and model.count("/") == 1 and not model.startswith((".", "~"))
+                         and not model.endswith((".safetensors", *PICKLE_SUFFIXES)))
     if not looks_like_hub_id:
         raise UserError(f"model not found: {model} (give a .safetensors file, a diffusers folder or a Hub id)")
     from huggingface_hub import snapshot_download
@@ -64,9 +64,13 @@ def resolve(model: str | Path) -> Path:
         raise UserError(f"could not download {model!r} from the Hugging Face Hub: {str(e).splitlines()[0]}") from None
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors by name. Safetensors is the format; a pickled file is opened only by torch's weights-only loader,
-    which refuses anything but tensors and plain containers, so a checkpoint cannot run code."""
+def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors by name, floating-point ones in `dtype`. Safetensors is the format. In fp32 the file is memory-mapped:
+    its fp32 tensors are used in place, never copied, and read from disk when first used. In other dtypes each
+    tensor is read on its own (pread) and cast, so that a bf16 load of an fp32 file never holds more than one fp32
+    tensor (a mapped file's pages would all stay counted in the process). A pickled file is opened only by torch's
+    weights-only loader, which refuses anything but tensors and plain containers, so a checkpoint cannot run code;
+    Pipeline.to casts it."""
     if path.suffix in PICKLE_SUFFIXES:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -75,13 +79,19 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                             "convert it to .safetensors") from None
         return sd.get("state_dict", sd)
     try:
-        return load_file(path)
+        with safe_open(path, framework="pt", backend="mmap" if dtype == torch.float32 else "pread") as f:
+            return {name: cast(f.get_tensor(name), dtype) for name in f.keys()}
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e}); is it truncated?") from None
 
 
-def load_single_file(path: Path) -> Pipeline:
-    sd = read_state_dict(path)
+def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating-point tensors in `dtype`; integer ones (ids, counters) as they are."""
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def load_single_file(path: Path, dtype: torch.dtype) -> Pipeline:
+    sd = read_state_dict(path, dtype)
     parts = {prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
              for prefix in ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")}
     missing = [prefix + "*" for prefix, part in parts.items() if not part]
@@ -107,21 +117,21 @@ def load_single_file(path: Path) -> Pipeline:
         family=family, default_size=side, name=path.stem)
 
 
-def load_folder(path: Path) -> Pipeline:
+def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
     if not (path / "model_index.json").is_file():
         raise UserError(f"{path}: not a diffusers folder (no model_index.json)")
     unet_config = UNetConfig.from_json(read_json(path / "unet" / "config.json"))
     vae_config = VAEConfig.from_json(read_json(path / "vae" / "config.json"))
     text_config = CLIPTextConfig.from_json(read_json(path / "text_encoder" / "config.json"))
-    text_sd = with_text_model_prefix(read_state_dict(weights_file(path / "text_encoder", "model")))
+    text_sd = with_text_model_prefix(read_state_dict(weights_file(path / "text_encoder", "model"), dtype))
+    unet_sd = read_state_dict(weights_file(path / "unet", "diffusion_pytorch_model"), dtype)
+    vae_sd = read_state_dict(weights_file(path / "vae", "diffusion_pytorch_model"), dtype)
     vae_scale = 2 ** (len(vae_config.block_out_channels) - 1)
     return Pipeline(
         tokenizer=Tokenizer.from_folder(path / "tokenizer"),
         text_encoder=build(CLIPTextModel, text_config, text_sd, path / "text_encoder"),
-        unet=build(UNet, unet_config, read_state_dict(weights_file(path / "unet", "diffusion_pytorch_model")),
-                   path / "unet"),
-        vae=build(AutoencoderKL, vae_config, read_state_dict(weights_file(path / "vae", "diffusion_pytorch_model")),
-                  path / "vae"),
+        unet=build(UNet, unet_config, unet_sd, path / "unet"),
+        vae=build(AutoencoderKL, vae_config, vae_sd, path / "vae"),
         scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
         family="sd2" if text_config.hidden_act == "gelu" else "sd1",
         default_size=read_json(path / "unet" / "config.json").get("sample_size", 64) * vae_scale,

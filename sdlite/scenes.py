@@ -4,11 +4,11 @@ A scene is one flat-coloured shape on a white background, described by a caption
 size and position: "a small blue square at the top right on a white background". Scenes are drawn with PIL at
 four times the image size and reduced, so edges are anti-aliased as in a photograph of a drawing.
 
-The detector reads a scene back from an image: the pixels far from white are the shape; their median colour is
-the nearest palette colour; the centre of the largest connected blob's bounding box gives the position (the image cut in thirds);
-the share of its bounding box that the blob fills gives the shape (a square fills all of it, a circle pi/4, a
-triangle half); its area gives the size. It is exact on rendered scenes, and it is how the benchmark and the tests
-score whether a generated image follows its prompt.
+The detector reads a scene back from an image: the pixels far from white are the shape, and of them it keeps the
+largest connected blob. Its median colour's nearest palette colour is the colour; the centre of its bounding box gives
+the position (the image cut in thirds); the share of the bounding box that it fills gives the shape (a square fills
+all of it, a circle pi/4, a triangle half); its area gives the size. It is exact on rendered scenes, and it is how
+the benchmark and the tests score whether a generated image follows its prompt.
 """
 import math
 import random

@@ -255,6 +255,8 @@ def null_context(unet: UNet, batch_size: int) -> torch.Tensor:
 def read_folder(folder: Path, size: int, caption: str | None) -> tuple[np.ndarray, list[str]]:
     """Images of `folder` as uint8 (N, size, size, 3), centre-cropped to a square and resized, and their captions:
     the text of NAME.txt beside each NAME.png, or `caption` for all."""
+    if not folder.is_dir():
+        raise UserError(f"--data: {folder} is not a folder (give a folder of images, or 'scenes')")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise UserError(f"--data: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
@@ -445,7 +447,7 @@ def save_text_encoder(text_encoder: CLIPTextModel, folder: Path, dtype: torch.dt
         "num_attention_heads": c.num_attention_heads, "hidden_act": c.hidden_act, "vocab_size": c.vocab_size,
         "max_position_embeddings": c.max_position_embeddings, "layer_norm_eps": c.layer_norm_eps,
         "projection_dim": c.hidden_size, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
-        "torch_dtype": str(dtype).removeprefix("torch.")})
+        "torch_dtype": "float32"})  # what transformers loads it as, whatever the file's dtype: as the UNet and VAE
     save_weights(text_encoder, folder / "model.safetensors", dtype)
 
 
@@ -476,7 +478,8 @@ def write_json(path: Path, data: dict) -> None:
 def add_command(subparsers) -> None:
     """The `train` subcommand of python -m sdlite."""
     p = subparsers.add_parser("train", help="train a model from scratch, or fine-tune a checkpoint's UNet",
-                              description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__.split("\n\n")[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a folder of images with a NAME.txt caption beside each, or "
                                                  "'scenes': sdlite's generated shapes with their captions")
     p.add_argument("--out", required=True, type=Path, help="output folder: the model (diffusers layout), "
@@ -487,7 +490,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--size", type=int, default=64, help="image side in pixels for a new model (default: 64; "
                                                         "fine-tuning uses the checkpoint's own size)")
     p.add_argument("--scenes", type=int, default=10000, help="number of generated scene images (--data scenes)")
-    p.add_argument("--steps", type=int, default=4000, help="UNet training steps")
+    p.add_argument("--steps", type=int, default=3500, help="UNet training steps")
     p.add_argument("--vae-steps", type=int, default=2000, help="VAE training steps (new latent models)")
     p.add_argument("--batch-size", type=int, default=32, help="UNet batch size")
     p.add_argument("--vae-batch-size", type=int, default=16)
@@ -497,8 +500,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
-                   help="what the UNet predicts (default: epsilon for a new model, the checkpoint's own when fine-tuning)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="what the UNet predicts "
+                   "(default: epsilon for a new model, the checkpoint's own when fine-tuning)")
     p.add_argument("--train-text-encoder", action="store_true", help="train the text encoder with the UNet "
                                                                      "(SD keeps CLIP frozen)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
@@ -524,7 +527,8 @@ def run(args: argparse.Namespace) -> None:
     if args.data == "scenes":
         images, captions = scenes.dataset(args.scenes, scenes.split()[0], size, seed=args.seed)
     else:
-        images, captions = read_folder(Path(args.data), size, args.caption)
+        caption = "" if args.pixel and args.caption is None else args.caption  # the pixel model reads no captions
+        images, captions = read_folder(Path(args.data), size, caption)
     images = to_tensor(images)
     print(f"{len(images)} images of {size} x {size}", flush=True)
     if args.pixel:

@@ -94,10 +94,11 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.conv_shortcut(x) + h
+        # in place where a tensor has no other use: fewer large allocations, the same numbers
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h += self.time_emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(self.conv_shortcut(x))
 
 
 class Attention(nn.Module):
@@ -327,7 +328,7 @@ class UNet(nn.Module):
         x = self.mid_block(x, emb, context)
         for block in self.up_blocks:
             x = block(x, skips, emb, context)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
 
 
 # ---- the original single-file layout (CompVis/Stability "model.diffusion_model.*") ----

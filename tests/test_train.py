@@ -215,7 +215,10 @@ def test_pixel_model_trains_and_samples(tmp_path):
 def default_model():
     if not DEFAULT_MODEL.exists():
         pytest.fail("weights/default is missing")
-    return sdlite.load(DEFAULT_MODEL)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # its convolutions are too small to gain from a second thread on a busy machine
+    yield sdlite.load(DEFAULT_MODEL)
+    torch.set_num_threads(threads)
 
 
 def test_default_model_is_small_and_loads(default_model):
@@ -225,9 +228,16 @@ def test_default_model_is_small_and_loads(default_model):
 
 
 def test_default_model_follows_prompts(default_model):
-    """Colour on 16 held-out combinations (never trained on), at the command line's defaults. The benchmark measured
-    THRESHOLD_NOTE; the threshold leaves room for the sampling noise of 16 images."""
+    """16 held-out captions (combinations never trained on), 20 DDIM steps, guidance 7.5, one seed each.
+
+    benchmarks/DEFAULT_MODEL.md measured, on all 32 held-out captions with 4 seeds: colour right in 77% of the
+    images, shape 80%, size 100%, position 93% (this set gives 13, 13, 16 and 15 of 16). Were each image's outcome
+    drawn afresh with those rates (as other hardware or another torch build may do), each threshold below would fail
+    with a probability under 5% (binomial, n = 16); a model that ignored the colour or the position words would reach
+    its threshold with a probability under 0.1% (chance: 1/6, 1/9)."""
     held_out = scenes.split()[1][:16]
-    right = [scenes.score(scene, default_model.txt2img(scene.caption(), seed=i, steps=20)[0])
-             for i, scene in enumerate(held_out)]
-    assert sum(r["colour"] for r in right) >= 13
+    results = [scenes.score(scene, default_model.txt2img(scene.caption(), steps=20, seed=i)[0])
+               for i, scene in enumerate(held_out)]
+    right = {attribute: sum(r[attribute] for r in results) for attribute in results[0]}
+    assert right["colour"] >= 10 and right["shape"] >= 10, right
+    assert right["size"] >= 12 and right["position"] >= 12, right
