@@ -1,16 +1,20 @@
 """Speed and memory of sdlite next to diffusers, on the same work, at full Stable Diffusion 1.5 size.
 Run: python benchmarks/speed.py   (needs `pip install -e .[reference]`; about 15 minutes on 2 cores)
 
-Every measurement is a new process (`speed.py --worker SYSTEM DTYPE`), so that each system's peak memory (ru_maxrss,
-the most memory it held at once, from start-up on) is its own. The workers alternate, sdlite then diffusers, for
-ROUNDS rounds in each dtype, and each time in the table is the best over the rounds: a shared machine only ever makes
-a run slower. A worker loads the random-weight SD 1.5 diffusers folder (benchmarks/checkpoints.py), runs one whole
-txt2img call first (so sdlite's memory-mapped weights are paged in inside that call, not before it), then times
-prompt encoding (the prompt and the negative prompt), one UNet step on a guided batch of 2, and one VAE decode.
+Both systems load the random-weight SD 1.5 diffusers folder (benchmarks/checkpoints.py).
+
+Times: both pipelines are loaded in this process, and every stage is run by sdlite, then diffusers, then sdlite, ...
+(REPEATS each); a stage's time is its best. Calls that alternate see the same machine, which matters on a shared
+one: a busy moment only ever makes one call slower. Stages: prompt encoding (the prompt and the negative prompt), one
+UNet step on a guided batch of 2, one VAE decode, and one whole txt2img call.
+
+Load time and peak memory: a new process per system (`speed.py --worker SYSTEM DTYPE`), alternated for ROUNDS
+rounds, that loads the folder and makes one txt2img image (a single step: the peak is the same as with more). Peak
+memory is the process's ru_maxrss, the most it held at once from start-up on; load time is the best over rounds.
 
 FLOPs are counted by torch's FlopCounterMode on sdlite's modules on the meta device (convolutions, matrix products
 and attention; the two libraries do the same arithmetic). The machine's peak is a 4096^3 matrix product timed in this
-run, in each dtype; "% peak" is the share of it a stage reaches.
+run in each dtype (the best over the run, measured before each stage); "% peak" is the share of it a stage reaches.
 """
 import json
 import resource
@@ -29,8 +33,8 @@ from checkpoints import folder  # noqa: E402
 from report import machine, table, write_section  # noqa: E402
 
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
-SIDE, STEPS, GUIDANCE = 512, 2, 7.5          # txt2img: 2 steps at 512x512 (each step is one UNet call)
-ROUNDS = 2
+SIDE, STEPS, GUIDANCE = 512, 2, 7.5          # txt2img: 2 steps at 512x512 (PNDM: 3 UNet calls)
+REPEATS, ROUNDS = 2, 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SYSTEMS = ("sdlite", "diffusers")
 STAGES = ("load", "prompt encoding", "UNet step", "VAE decode", "txt2img")
@@ -38,45 +42,64 @@ TARGETS = {("txt2img", "fp32"): 0.9, ("txt2img", "bf16"): 0.5, ("load", "fp32"):
 MEMORY_TARGET = 0.7
 
 
-def seconds(f, repeats: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f()
-        best = min(best, time.perf_counter() - start)
-    return best
+def seconds(f) -> float:
+    start = time.perf_counter()
+    f()
+    return time.perf_counter() - start
 
 
-def worker(system: str, dtype: torch.dtype) -> dict:
-    """Times of every stage in one process, and the process's peak memory in GB."""
+def load(system: str, dtype: torch.dtype):
+    if system == "sdlite":
+        import sdlite
+        return sdlite.load(folder("sd1"), dtype=dtype)
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(folder("sd1"), torch_dtype=dtype, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def stages(system: str, pipe, dtype: torch.dtype, steps: int = STEPS) -> dict:
+    """The timed calls of one system, on the same inputs in both."""
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, SIDE // 8, SIDE // 8, generator=g).to(dtype)
     context = torch.randn(2, 77, 768, generator=g).to(dtype)
     z = torch.randn(1, 4, SIDE // 8, SIDE // 8, generator=g).to(dtype)
-    start = time.perf_counter()
     if system == "sdlite":
-        import sdlite
-        pipe = sdlite.load(folder("sd1"), dtype=dtype)
-        load = time.perf_counter() - start
-        encode = lambda: pipe.encode_prompt(PROMPT, NEGATIVE, 1, GUIDANCE)
-        unet = lambda: pipe.unet(latents, 500, context)
-        decode = lambda: pipe.vae.decode(z)
-        txt2img = lambda: pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, guidance_scale=GUIDANCE, width=SIDE,
-                                       height=SIDE, seed=0)
-    else:
-        from diffusers import StableDiffusionPipeline
-        pipe = StableDiffusionPipeline.from_pretrained(folder("sd1"), torch_dtype=dtype, safety_checker=None)
-        load = time.perf_counter() - start
-        pipe.set_progress_bar_config(disable=True)
-        encode = lambda: pipe.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE)
-        unet = lambda: pipe.unet(latents, 500, context).sample
-        decode = lambda: pipe.vae.decode(z).sample
-        txt2img = lambda: pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                               width=SIDE, height=SIDE, generator=torch.Generator().manual_seed(0)).images
-    times = {"load": load, "txt2img": seconds(txt2img)}
+        return {"prompt encoding": lambda: pipe.encode_prompt(PROMPT, NEGATIVE, 1, GUIDANCE),
+                "UNet step": lambda: pipe.unet(latents, 500, context),
+                "VAE decode": lambda: pipe.vae.decode(z),
+                "txt2img": lambda: pipe.txt2img(PROMPT, NEGATIVE, steps=steps, guidance_scale=GUIDANCE, width=SIDE,
+                                                height=SIDE, seed=0)}
+    return {"prompt encoding": lambda: pipe.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE),
+            "UNet step": lambda: pipe.unet(latents, 500, context).sample,
+            "VAE decode": lambda: pipe.vae.decode(z).sample,
+            "txt2img": lambda: pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps,
+                                    guidance_scale=GUIDANCE, width=SIDE, height=SIDE,
+                                    generator=torch.Generator().manual_seed(0)).images}
+
+
+def worker(system: str, dtype: torch.dtype) -> dict:
+    """Load time and peak memory (GB) of one system in a process of its own."""
+    start = time.perf_counter()
+    pipe = load(system, dtype)
+    load_time = time.perf_counter() - start
+    stages(system, pipe, dtype, steps=1)["txt2img"]()
+    return {"load": load_time, "peak GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def alternated(dtype: torch.dtype, peak: dict) -> dict[tuple[str, str], float]:
+    """Best time of every stage and system, the systems alternating call by call; updates the matmul peak."""
+    calls = {system: stages(system, load(system, dtype), dtype) for system in SYSTEMS}
+    best = {}
     with torch.no_grad():
-        times |= {"prompt encoding": seconds(encode, 3), "UNet step": seconds(unet), "VAE decode": seconds(decode)}
-    return {"times": times, "peak GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        for stage in STAGES[1:]:
+            peak[dtype] = max(peak.get(dtype, 0.0), matmul_peak(dtype))
+            for _ in range(REPEATS):
+                for system in SYSTEMS:
+                    t = seconds(calls[system][stage])
+                    best[system, stage] = min(best.get((system, stage), t), t)
+                    print(f"{dtype} {stage} {system}: {t:.2f} s", flush=True)
+    return best
 
 
 def run_worker(system: str, dtype: str) -> dict:
@@ -87,46 +110,49 @@ def run_worker(system: str, dtype: str) -> dict:
 
 
 def flops() -> dict[str, float]:
-    """FLOPs of each stage, counted on sdlite's SD 1.5 modules built on the meta device (no memory, no time)."""
+    """FLOPs of each stage, counted on sdlite's SD 1.5 modules moved to the meta device (no memory, no time)."""
     import sdlite
+    from sdlite import schedulers
     pipe = sdlite.load(folder("sd1"), device="meta")
     meta = dict(device="meta")
-    stages = {"prompt encoding": lambda: [pipe.text_encoder(torch.zeros(1, 77, dtype=torch.long, **meta))
-                                          for _ in range(2)],
-              "UNet step": lambda: pipe.unet(torch.zeros(2, 4, SIDE // 8, SIDE // 8, **meta), 500,
-                                             torch.zeros(2, 77, 768, **meta)),
-              "VAE decode": lambda: pipe.vae.decode(torch.zeros(1, 4, SIDE // 8, SIDE // 8, **meta))}
+    calls = {"prompt encoding": lambda: [pipe.text_encoder(torch.zeros(1, 77, dtype=torch.long, **meta))
+                                         for _ in range(2)],
+             "UNet step": lambda: pipe.unet(torch.zeros(2, 4, SIDE // 8, SIDE // 8, **meta), 500,
+                                            torch.zeros(2, 77, 768, **meta)),
+             "VAE decode": lambda: pipe.vae.decode(torch.zeros(1, 4, SIDE // 8, SIDE // 8, **meta))}
     counted = {}
-    for name, f in stages.items():
+    for name, f in calls.items():
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             f()
         counted[name] = counter.get_total_flops()
-    counted["txt2img"] = counted["prompt encoding"] + STEPS * counted["UNet step"] + counted["VAE decode"]
+    unet_calls = len(schedulers.make(pipe.default_scheduler, pipe.scheduler_config).set_timesteps(STEPS))  # PNDM: 3
+    counted["txt2img"] = counted["prompt encoding"] + unet_calls * counted["UNet step"] + counted["VAE decode"]
     return counted
 
 
 def matmul_peak(dtype: torch.dtype) -> float:
     """FLOP/s of a 4096^3 matrix product, best of 3."""
     a = torch.randn(4096, 4096).to(dtype)
-    return 2 * 4096**3 / seconds(lambda: a @ a, 3)
+    return 2 * 4096**3 / min(seconds(lambda: a @ a) for _ in range(3))
 
 
 def main() -> None:
     start, about = time.perf_counter(), machine()
-    for path in folder("sd1").rglob("*.safetensors"):   # in the page cache before the first worker
+    for path in folder("sd1").rglob("*.safetensors"):   # in the page cache before the first load
         path.read_bytes()
     counted = flops()
-    best = {}   # (system, dtype) -> {stage: seconds, "peak GB": GB}
-    peak = dict.fromkeys(DTYPES, 0.0)
+    best, peak = {}, {}   # best[system, dtype][stage or "peak GB"]; peak[dtype]: matmul FLOP/s
     for round_ in range(ROUNDS):
         for name, dtype in DTYPES.items():
-            peak[name] = max(peak[name], matmul_peak(dtype))
             for system in SYSTEMS:
                 result = run_worker(system, name)
                 print(f"round {round_ + 1} {system} {name}: {json.dumps(result)}", flush=True)
-                old = best.setdefault((system, name), {**result["times"], "peak GB": result["peak GB"]})
-                for key, value in {**result["times"], "peak GB": result["peak GB"]}.items():
-                    old[key] = min(old[key], value)
+                old = best.setdefault((system, name), {"load": result["load"], "peak GB": result["peak GB"]})
+                old["load"], old["peak GB"] = min(old["load"], result["load"]), max(old["peak GB"], result["peak GB"])
+    for name, dtype in DTYPES.items():
+        for (system, stage), t in alternated(dtype, peak).items():
+            best[system, name][stage] = t
+    peak = {name: peak[dtype] for name, dtype in DTYPES.items()}
     rows = []
     for name in DTYPES:
         for stage in STAGES:
@@ -146,8 +172,10 @@ def main() -> None:
             f"at full size from its diffusers folder; sdlite with `sdlite.load(folder, dtype)`, diffusers "
             f"with `StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)`. UNet step: a guided batch of "
             f"2 at {SIDE}x{SIDE}; VAE decode: one {SIDE}x{SIDE} image; txt2img: {STEPS} steps at {SIDE}x{SIDE}, "
-            f"guidance {GUIDANCE}, the PNDM scheduler, PIL images out. Seconds are the best of {ROUNDS} processes "
-            f"per system, alternated; peak memory is each process's ru_maxrss. Measured matmul peak: {peaks}. "
+            f"guidance {GUIDANCE}, the PNDM scheduler, PIL images out. Stage times: best of {REPEATS} calls, the "
+            f"systems alternating call by call in one process; load time: best of {ROUNDS} new processes per "
+            f"system; peak memory: ru_maxrss of a process that loads and makes one image. Measured matmul peak: "
+            f"{peaks}. "
             f"Took {(time.perf_counter() - start) / 60:.0f} minutes.\n\n" + table(header, rows))
     print(text)
     write_section("speed", text)

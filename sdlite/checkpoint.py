@@ -12,11 +12,11 @@
                 attribute names are the diffusers names.
 """
 import json
+import mmap
 from pathlib import Path
 from unittest import mock
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .clip import CLIPTextConfig, CLIPTextModel, clip_from_openai, clip_from_openclip, with_text_model_prefix
 from .errors import UserError
@@ -65,12 +65,9 @@ def resolve(model: str | Path) -> Path:
 
 
 def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Tensors by name, floating-point ones in `dtype`. Safetensors is the format. In fp32 the file is memory-mapped:
-    its fp32 tensors are used in place, never copied, and read from disk when first used. In other dtypes each
-    tensor is read on its own (pread) and cast, so that a bf16 load of an fp32 file never holds more than one fp32
-    tensor (a mapped file's pages would all stay counted in the process). A pickled file is opened only by torch's
-    weights-only loader, which refuses anything but tensors and plain containers, so a checkpoint cannot run code;
-    Pipeline.to casts it."""
+    """Tensors by name, floating-point ones in `dtype`. Safetensors is the format (read_safetensors); a pickled file
+    is opened only by torch's weights-only loader, which refuses anything but tensors and plain containers, so a
+    checkpoint cannot run code (Pipeline.to casts it)."""
     if path.suffix in PICKLE_SUFFIXES:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -79,10 +76,40 @@ def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
                             "convert it to .safetensors") from None
         return sd.get("state_dict", sd)
     try:
-        with safe_open(path, framework="pt", backend="mmap" if dtype == torch.float32 else "pread") as f:
-            return {name: cast(f.get_tensor(name), dtype) for name in f.keys()}
-    except (SafetensorError, OSError) as e:
+        return read_safetensors(path, dtype)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e}); is it truncated?") from None
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The format: the header's length (8 bytes, little-endian), the JSON header (each tensor's dtype, shape and byte
+    range in the data), the data. The file is memory-mapped (copy-on-write) and each tensor is a view of its bytes:
+    one already in `dtype` is used in place, never copied, its pages read from disk when first used; one cast to
+    `dtype` is read once and its pages are released right after (madvise), so that a bf16 load of an fp32 file
+    holds the bf16 weights only, never the fp32 ones as well."""
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    header_size = int.from_bytes(mapped[:8], "little")
+    header = json.loads(mapped[8:8 + header_size])
+    header.pop("__metadata__", None)
+    begin = 8 + header_size                                            # where the data starts in the file
+    data = torch.frombuffer(mapped, dtype=torch.uint8)[begin:]
+    if max((info["data_offsets"][1] for info in header.values()), default=0) > len(data):
+        raise ValueError("the data ends before the last tensor")
+    tensors = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        stored = data[start:end].view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        tensors[name] = cast(stored, dtype)
+        if tensors[name] is not stored:
+            first_page = (begin + start) // mmap.PAGESIZE * mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, first_page, begin + end - first_page)
+    return tensors
 
 
 def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
