@@ -147,7 +147,8 @@ def load_single_file(path: Path, dtype: torch.dtype) -> Pipeline:
 def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
     if not (path / "model_index.json").is_file():
         raise UserError(f"{path}: not a diffusers folder (no model_index.json)")
-    unet_config = UNetConfig.from_json(read_json(path / "unet" / "config.json"))
+    unet_json = read_json(path / "unet" / "config.json")
+    unet_config = UNetConfig.from_json(unet_json)
     vae_config = VAEConfig.from_json(read_json(path / "vae" / "config.json"))
     text_config = CLIPTextConfig.from_json(read_json(path / "text_encoder" / "config.json"))
     text_sd = with_text_model_prefix(read_state_dict(weights_file(path / "text_encoder", "model"), dtype))
@@ -161,7 +162,7 @@ def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
         vae=build(AutoencoderKL, vae_config, vae_sd, path / "vae"),
         scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
         family="sd2" if text_config.hidden_act == "gelu" else "sd1",
-        default_size=read_json(path / "unet" / "config.json").get("sample_size", 64) * vae_scale,
+        default_size=unet_json.get("sample_size", 64) * vae_scale,
         name=path.name)
 
 
