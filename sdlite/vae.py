@@ -20,6 +20,13 @@ import torch.nn.functional as F
 
 from .attention import attention
 
+# Both directions run in the channels-last memory layout (N, H, W, C in memory; the shapes stay N, C, H, W), which
+# every layer here keeps. On the CPU, oneDNN's convolutions take it as it is, where each convolution of an NCHW tensor
+# costs two reorders of its activations: a 512x512 decode is 13 % faster in fp32 and 15 % in bf16. The sums in the
+# convolutions then run in another order than in diffusers (NCHW up to the mid-block): the results agree to float
+# rounding (about 2e-5 relative at full size in fp32), no longer bit for bit.
+CHANNELS_LAST = torch.channels_last
+
 
 @dataclass
 class VAEConfig:
@@ -97,10 +104,7 @@ class AttentionBlock(nn.Module):
         b, c, h, w = x.shape
         tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, h*w, C)
         out = attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), heads=1)
-        out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)  # a channels-last view
-        # `out` comes first so that the sum stays channels-last, as in diffusers: the convolutions that follow round
-        # differently in that memory layout, and this keeps them bit-identical to the reference.
-        return out + x
+        return x + self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
 
 
 class Downsample(nn.Module):
@@ -219,11 +223,11 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """q(z|x) for images x (B, C, H, W) in [-1, 1]."""
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+        return DiagonalGaussian(self.quant_conv(self.encoder(x.contiguous(memory_format=CHANNELS_LAST))))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images in about [-1, 1] for latents z (B, latent_channels, h, w), not scaled by scaling_factor."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z.contiguous(memory_format=CHANNELS_LAST)))
 
 
 # Components of LDM key names that diffusers calls differently. The other components are the same in both.
