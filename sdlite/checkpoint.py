@@ -12,7 +12,6 @@
                 attribute names are the diffusers names.
 """
 import json
-import mmap
 from pathlib import Path
 from unittest import mock
 
@@ -24,6 +23,7 @@ from .pipeline import Pipeline
 from .tokenizer import Tokenizer
 from .unet import UNet, UNetConfig, unet_from_ldm
 from .vae import AutoencoderKL, VAEConfig, vae_from_ldm
+from .weights import read_safetensors
 
 # The training schedules of the official releases, as their diffusers folders state them (scheduler_config.json of
 # stable-diffusion-v1-5 and stable-diffusion-2-1), used for single files, which carry no scheduler config.
@@ -79,42 +79,6 @@ def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return read_safetensors(path, dtype)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e}); is it truncated?") from None
-
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
-
-
-def read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The format: the header's length (8 bytes, little-endian), the JSON header (each tensor's dtype, shape and byte
-    range in the data), the data. The file is memory-mapped (copy-on-write) and each tensor is a view of its bytes:
-    one already in `dtype` is used in place, never copied, its pages read from disk when first used; one cast to
-    `dtype` is read once and its pages are released right after (madvise), so that a bf16 load of an fp32 file
-    holds the bf16 weights only, never the fp32 ones as well."""
-    with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    header_size = int.from_bytes(mapped[:8], "little")
-    header = json.loads(mapped[8:8 + header_size])
-    header.pop("__metadata__", None)
-    begin = 8 + header_size                                            # where the data starts in the file
-    data = torch.frombuffer(mapped, dtype=torch.uint8)[begin:]
-    if max((info["data_offsets"][1] for info in header.values()), default=0) > len(data):
-        raise ValueError("the data ends before the last tensor")
-    tensors = {}
-    for name, info in header.items():
-        start, end = info["data_offsets"]
-        stored = data[start:end].view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-        tensors[name] = cast(stored, dtype)
-        if tensors[name] is not stored:
-            first_page = (begin + start) // mmap.PAGESIZE * mmap.PAGESIZE
-            mapped.madvise(mmap.MADV_DONTNEED, first_page, begin + end - first_page)
-    return tensors
-
-
-def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Floating-point tensors in `dtype`; integer ones (ids, counters) as they are."""
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def load_single_file(path: Path, dtype: torch.dtype) -> Pipeline:

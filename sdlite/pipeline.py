@@ -24,10 +24,12 @@ from PIL import Image, ImageFilter
 from . import schedulers
 from .clip import CLIPTextModel
 from .errors import UserError
+from .onednn import pack_convolutions
 from .image import generation_parameters, open_rgb, paste_unmasked, to_tensor
 from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import AutoencoderKL
+from .weights import release
 
 Progress = Callable[[int, int], None]  # called with (steps done, steps in all)
 ImageInput = Image.Image | str | Path
@@ -208,6 +210,7 @@ class Pipeline:
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(1, 3, H, W) pixels in [-1, 1] -> (1, 4, H/8, W/8) latents: a sample of the VAE's posterior, scaled."""
         posterior = self.vae.encode(pixels.to(self.device, self.dtype))
+        release(self.vae)
         return self.vae.config.scaling_factor * posterior.sample(generator)
 
     def encode_prompt(self, prompt: str, negative_prompt: str, batch_size: int, guidance_scale: float) -> torch.Tensor:
@@ -215,6 +218,7 @@ class Pipeline:
         prompts = [negative_prompt or "", prompt] if guidance_scale > 1 else [prompt]
         # one text-encoder call per prompt, as the reference makes them
         contexts = [self.text_encoder(self.tokenizer([p]).to(self.device)) for p in prompts]
+        release(self.text_encoder)
         return torch.cat([c.repeat(batch_size, 1, 1) for c in contexts])
 
     def denoise(self, x: torch.Tensor, run: "Run", timesteps: torch.Tensor, guidance_scale: float,
@@ -227,6 +231,7 @@ class Pipeline:
                         the image's latents noised to the next timestep after each step
         """
         guided = guidance_scale > 1
+        pack_convolutions(self.unet)  # weights reordered for oneDNN once, not at every step (onednn.py)
         for i, t in enumerate(timesteps):
             x_in = run.sampler.scale_input(torch.cat([x, x]) if guided else x, t)
             if extra_channels is not None:
@@ -243,11 +248,13 @@ class Pipeline:
                 x = (1 - mask) * known + mask * x
             if progress:
                 progress(i + 1, len(timesteps))
+        release(self.unet)
         return x
 
     def decode(self, x: torch.Tensor, parameters: str) -> list[Image.Image]:
         """Latents -> uint8 RGB images, rounded as the reference rounds them."""
         pixels = self.vae.decode(x / self.vae.config.scaling_factor)          # (B, 3, H, W) in [-1, 1]
+        release(self.vae)
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         images = []
         for i, array in enumerate((pixels * 255).round().astype(np.uint8)):

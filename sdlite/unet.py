@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .onednn import Conv2d
 
 
 @dataclass
@@ -87,11 +88,11 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, embed_dim: int):
         super().__init__()
         self.norm1 = nn.GroupNorm(32, in_channels, eps=1e-5)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(embed_dim, out_channels)
         self.norm2 = nn.GroupNorm(32, out_channels, eps=1e-5)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # in place where a tensor has no other use: fewer large allocations, the same numbers
@@ -167,11 +168,11 @@ class SpatialTransformer(nn.Module):
         channels = cfg.block_out_channels[level]
         self.linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
+        self.proj_in = nn.Linear(channels, channels) if self.linear else Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(channels, cfg.heads[level], cfg.cross_attention_dim, cfg.upcast_attention)
             for _ in range(cfg.transformer_depth))
-        self.proj_out = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Linear(channels, channels) if self.linear else Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -197,7 +198,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)   # h -> ceil(h / 2)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)   # h -> ceil(h / 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -208,7 +209,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
         """To `size`, that of the skip met next: twice x's, or one less where the skip is odd (5 -> 9)."""
@@ -292,7 +293,7 @@ class UNet(nn.Module):
         self.config = config
         channels = config.block_out_channels
         self.time_embedding = TimestepEmbedding(channels[0], config.time_embed_dim)
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
 
         self.down_blocks = nn.ModuleList()
         skip_channels = [channels[0]]   # of every skip the encoder leaves, in order: conv_in's, then each block's
@@ -311,7 +312,7 @@ class UNet(nn.Module):
             self.up_blocks.append(UpBlock(config, level, in_channels, taken))
 
         self.conv_norm_out = nn.GroupNorm(32, channels[0], eps=1e-5)
-        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels[0], config.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: float | int | torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x (B, in, h, w), t a number or a 0-d or (B,) tensor, context (B, 77, cross_attention_dim)

@@ -6,8 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
+from sdlite import onednn
 from sdlite.unet import UNet, UNetConfig, unet_from_ldm
+from sdlite.weights import read_safetensors
 
 FIXTURES = Path(__file__).parent / "fixtures"
 sys.path.insert(0, str(FIXTURES))
@@ -62,6 +65,17 @@ def test_from_single_file_layout(case):
     config, state_dict = unet_from_ldm(case.ldm)
     unet = UNet(config)
     unet.load_state_dict(state_dict, strict=True)
+    assert_matches_reference(unet, case)
+
+
+@pytest.mark.skipif(not onednn.AVAILABLE, reason="this torch build has no oneDNN")
+def test_packed_convolutions_match_the_reference(case, tmp_path):
+    """The pipeline's fast path: weights read from a file and packed for oneDNN give the reference's outputs too."""
+    save_file(case.diffusers_weights(), tmp_path / "unet.safetensors")
+    unet = UNet(UNetConfig.from_json(case.config_json))
+    unet.load_state_dict(read_safetensors(tmp_path / "unet.safetensors", torch.float32), strict=True, assign=True)
+    onednn.pack_convolutions(unet)
+    assert all(m.packed is not None for m in unet.modules() if isinstance(m, onednn.Conv2d))
     assert_matches_reference(unet, case)
 
 

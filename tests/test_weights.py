@@ -1,0 +1,60 @@
+"""Weights memory-mapped from safetensors files: read in place, and released between uses without changing."""
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from sdlite.weights import read_safetensors, release
+
+MB = 2**20
+
+
+def resident_file_pages() -> int:
+    """Bytes of mapped files this process holds in memory (RssFile in /proc/self/status)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def mapped_linear(tmp_path, dtype=torch.float32) -> tuple[nn.Linear, torch.Tensor]:
+    """A 1024 x 8192 Linear (32 MB in fp32) whose weight is read from a file, and a copy of that weight."""
+    weight = torch.randn(1024, 8192, generator=torch.Generator().manual_seed(0))
+    save_file({"weight": weight, "bias": torch.zeros(1024)}, tmp_path / "w.safetensors")
+    layer = nn.Linear(8192, 1024, device="meta")
+    layer.load_state_dict(read_safetensors(tmp_path / "w.safetensors", dtype), assign=True)
+    return layer, weight
+
+
+def test_a_tensor_in_its_stored_dtype_is_a_view_of_the_file(tmp_path):
+    layer, weight = mapped_linear(tmp_path)
+    before = resident_file_pages()
+    assert torch.equal(layer.weight, weight)                      # reading it brings its pages in
+    assert resident_file_pages() - before > 24 * MB
+
+
+def test_release_drops_the_pages_and_keeps_the_values(tmp_path):
+    layer, weight = mapped_linear(tmp_path)
+    x = torch.randn(3, 8192)
+    expected = layer(x)                                           # pages in
+    before = resident_file_pages()
+    release(layer)
+    assert before - resident_file_pages() > 24 * MB
+    assert torch.equal(layer(x), expected)                        # read back from the page cache
+    assert torch.equal(layer.weight, weight)
+
+
+def test_a_changed_weight_is_never_released(tmp_path):
+    layer, weight = mapped_linear(tmp_path)
+    with torch.no_grad():
+        layer.weight.mul_(2)                                      # its pages are now private copies
+    before = resident_file_pages()
+    release(layer)
+    assert torch.equal(layer.weight, 2 * weight)
+    assert before - resident_file_pages() < MB
+
+
+def test_cast_weights_are_copies_and_stay(tmp_path):
+    layer, weight = mapped_linear(tmp_path, torch.bfloat16)
+    release(layer)
+    assert layer.weight.dtype == torch.bfloat16
+    assert torch.equal(layer.weight, weight.to(torch.bfloat16))
