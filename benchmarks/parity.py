@@ -5,9 +5,12 @@ For SD 1.5 and SD 2.1 (random weights, benchmarks/checkpoints.py), the reference
 sdlite loads the folder, and in fp32 also the original single file (the key mapping does not depend on the dtype).
 Each module gets the same inputs in both: the text encoder a prompt's ids, the UNet a guided batch of 2 latents at
 one timestep, the VAE an image to encode and latents to decode; then one whole txt2img call from the folder, with
-the checkpoint's own scheduler. The table gives the largest and the mean absolute difference to the reference, next
-to the reference's own size (max |ref|): in fp32, and in bf16 against the reference in bf16 (with, for scale, how far
-the reference's bf16 is from its own fp32). Images are compared in uint8 levels. Prints the table and writes it to
+the checkpoint's own scheduler. sdlite's UNet runs twice: as a module, and with its convolution weights packed for
+oneDNN, as its sampling loop runs it (when the weights are a view of the file, so in fp32). The table gives the
+largest and the mean absolute difference to the reference, next to the reference's own size (max |ref|): in fp32,
+and in bf16 against the reference in bf16. For scale, the last column gives how far the reference is from itself:
+in fp32 with its modules and inputs in channels-last memory (the same arithmetic summed in another order: float
+rounding), in bf16 from its own fp32. Images are compared in uint8 levels. Prints the table and writes it to
 benchmarks/RESULTS.md.
 """
 import gc
@@ -23,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import sdlite  # noqa: E402
+from sdlite.onednn import Conv2d, pack_convolutions  # noqa: E402
 from checkpoints import FAMILIES, folder, single_file  # noqa: E402
 from report import machine, table, write_section  # noqa: E402
 
@@ -43,10 +47,17 @@ def inputs(family: str) -> dict[str, torch.Tensor]:
             "z": torch.randn(1, 4, VAE_SIDE // 8, VAE_SIDE // 8, generator=g)}
 
 
-def reference_outputs(family: str, dtype: torch.dtype) -> dict[str, torch.Tensor | np.ndarray]:
+def reference_outputs(family: str, dtype: torch.dtype,
+                      channels_last: bool = False) -> dict[str, torch.Tensor | np.ndarray]:
+    """The reference's outputs; with `channels_last`, of its modules and inputs in that memory format, and no
+    txt2img."""
     pipe = StableDiffusionPipeline.from_pretrained(folder(family), torch_dtype=dtype, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     x = {k: v.to(dtype) for k, v in inputs(family).items()}
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        x = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in x.items()}
     with torch.no_grad():
         ids = pipe.tokenizer(PROMPT, padding="max_length", max_length=77, truncation=True,
                              return_tensors="pt").input_ids
@@ -57,6 +68,9 @@ def reference_outputs(family: str, dtype: torch.dtype) -> dict[str, torch.Tensor
                "VAE encode (mean)": posterior.mean,
                "VAE encode (log-variance)": posterior.logvar,
                "VAE decode": pipe.vae.decode(x["z"]).sample}
+    out["UNet (packed, as in the loop)"] = out["UNet"]
+    if channels_last:
+        return out
     c = TXT2IMG
     images = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=c["steps"], guidance_scale=c["guidance_scale"],
                   width=c["width"], height=c["height"], generator=torch.Generator().manual_seed(c["seed"]),
@@ -78,6 +92,9 @@ def sdlite_outputs(path: Path, family: str, dtype: torch.dtype,
                "VAE encode (mean)": posterior.mean,
                "VAE encode (log-variance)": posterior.logvar,
                "VAE decode": pipe.vae.decode(x["z"])}
+        pack_convolutions(pipe.unet)
+        if any(m.packed is not None for m in pipe.unet.modules() if isinstance(m, Conv2d)):
+            out["UNet (packed, as in the loop)"] = pipe.unet(x["latents"], TIMESTEP, x["context"])
     if with_txt2img:
         images = pipe.txt2img(PROMPT, negative_prompt=NEGATIVE, **TXT2IMG)
         out["txt2img (uint8)"] = np.stack([np.asarray(image) for image in images])
@@ -103,12 +120,15 @@ def main() -> None:
         for name, dtype in DTYPES.items():
             runs["ref", name] = reference_outputs(family, dtype)
             gc.collect()
+            if name == "fp32":
+                runs["ref channels-last", name] = reference_outputs(family, dtype, channels_last=True)
+                gc.collect()
             layouts = {"folder": folder(family)} | ({"single file": single_file(family)} if name == "fp32" else {})
             for layout, path in layouts.items():
                 runs[layout, name] = sdlite_outputs(path, family, dtype, with_txt2img=layout == "folder")
                 gc.collect()
             print(f"{family} {name} done after {time.perf_counter() - start:.0f} s", flush=True)
-        for (layout, name), out in ((k, v) for k, v in runs.items() if k[0] != "ref"):
+        for (layout, name), out in ((k, v) for k, v in runs.items() if not k[0].startswith("ref")):
             ref = runs["ref", name]
             same = torch.equal(torch.as_tensor(out["ids"]).long(), ref["ids"].long())
             rows.append([family, "token ids", layout, name, "identical" if same else "DIFFER", "-", "-", "-"])
@@ -117,11 +137,12 @@ def main() -> None:
                     continue
                 scale = torch.as_tensor(ref[module]).float().abs().max().item()
                 row = [family, module, layout, name, *map(fmt, difference(value, ref[module])), fmt(scale)]
-                bf16_error = difference(ref[module], runs["ref", "fp32"][module]) if name == "bf16" else None
-                rows.append(row + (["%s / %s" % tuple(map(fmt, bf16_error))] if bf16_error else ["-"]))
+                itself = runs["ref", "fp32"] if name == "bf16" else runs["ref channels-last", "fp32"]
+                rounding = difference(ref[module], itself[module]) if module in itself else None
+                rows.append(row + (["%s / %s" % tuple(map(fmt, rounding))] if rounding else ["-"]))
                 print(" | ".join(map(str, rows[-1])), flush=True)
     header = ["model", "output", "sdlite loads", "dtype", "max abs error", "mean abs error", "max abs ref",
-              "ref bf16 vs ref fp32 (max / mean)"]
+              "ref vs itself: fp32 channels-last, bf16 vs fp32 (max / mean)"]
     text = (f"## Parity with diffusers\n\n{about}\n\n"
             f"`python benchmarks/parity.py`: random-weight SD 1.5 and SD 2.1 at full size "
             f"(benchmarks/checkpoints.py). UNet on a batch of 2 latents of a {UNET_SIDE}x{UNET_SIDE} image at "

@@ -86,7 +86,11 @@ def stages(system: str, pipe, dtype: torch.dtype, steps: int = STEPS) -> dict:
 
 def worker(system: str, dtype: torch.dtype) -> dict:
     """Load time, the time of the first txt2img call after it (1 step), and peak memory (GB) of one system in a
-    process of its own."""
+    process of its own. The library is imported before the clock starts."""
+    if system == "sdlite":
+        import sdlite  # noqa: F401
+    else:
+        from diffusers import StableDiffusionPipeline  # noqa: F401
     start = time.perf_counter()
     pipe = load(system, dtype)
     load_time = time.perf_counter() - start

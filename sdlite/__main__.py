@@ -67,6 +67,9 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
                    help="override what the checkpoint is taken to predict (SD 2.x single files: v_prediction)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="encode and decode images larger than the model's own size in tiles: memory bounded by one "
+                        "tile, with possible seams")
     p.add_argument("--out", type=Path, help="output PNG; with --batch-size N, NAME-0.png ... NAME-(N-1).png "
                                             "(default: COMMAND-SEED.png)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -84,6 +87,7 @@ def generate(args: argparse.Namespace) -> None:
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**32, ()).item())
     outputs = output_paths(args.out or Path(f"{args.command}-{seed}.png"), args.batch_size, args.overwrite)
     pipe = load(model, dtype=DTYPES[args.dtype], device=args.device, prediction_type=args.prediction_type)
+    pipe.vae.tiling = args.vae_tiling
     settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
                     seed=seed, scheduler=args.scheduler, batch_size=args.batch_size, progress=ProgressBar())
     if args.command == "txt2img":

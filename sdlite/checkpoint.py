@@ -99,6 +99,7 @@ def load_single_file(path: Path, dtype: torch.dtype) -> Pipeline:
         raise UserError(f"{path}: unknown text encoder layout under cond_stage_model.* (neither SD 1.x nor 2.x)")
     unet_config, unet_sd = unet_from_ldm(parts["model.diffusion_model."])
     vae_config, vae_sd = vae_from_ldm(parts["first_stage_model."])
+    vae_config.sample_size = side   # as the family's diffusers vae/config.json says (the tile side when tiling)
     return Pipeline(
         tokenizer=Tokenizer.from_vendored(pad_id),
         text_encoder=build(CLIPTextModel, text_config, text_sd, path),
@@ -118,7 +119,6 @@ def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
     text_sd = with_text_model_prefix(read_state_dict(weights_file(path / "text_encoder", "model"), dtype))
     unet_sd = read_state_dict(weights_file(path / "unet", "diffusion_pytorch_model"), dtype)
     vae_sd = read_state_dict(weights_file(path / "vae", "diffusion_pytorch_model"), dtype)
-    vae_scale = 2 ** (len(vae_config.block_out_channels) - 1)
     return Pipeline(
         tokenizer=Tokenizer.from_folder(path / "tokenizer"),
         text_encoder=build(CLIPTextModel, text_config, text_sd, path / "text_encoder"),
@@ -126,7 +126,7 @@ def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
         vae=build(AutoencoderKL, vae_config, vae_sd, path / "vae"),
         scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
         family="sd2" if text_config.hidden_act == "gelu" else "sd1",
-        default_size=unet_json.get("sample_size", 64) * vae_scale,
+        default_size=unet_json.get("sample_size", 64) * vae_config.downscale,
         name=path.name)
 
 

@@ -52,7 +52,7 @@ class Pipeline:
         self.family = family                      # "sd1" or "sd2"
         self.default_size = default_size          # the image side the model was trained at, in pixels
         self.name = name
-        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale = vae.config.downscale
 
     def to(self, device=None, dtype=None) -> "Pipeline":
         for module in (self.text_encoder, self.unet, self.vae):

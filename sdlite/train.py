@@ -404,7 +404,7 @@ def save_folder(pipe: Pipeline, out: Path, dtype: torch.dtype = torch.float16) -
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]})
     save_unet(pipe.unet, out / "unet", latent_side, dtype)
-    save_vae(pipe.vae, out / "vae", pipe.default_size, dtype)
+    save_vae(pipe.vae, out / "vae", dtype)
     save_text_encoder(pipe.text_encoder, out / "text_encoder", dtype)
     save_tokenizer(pipe.tokenizer, out / "tokenizer")
     write_json(out / "scheduler" / "scheduler_config.json", {**pipe.scheduler_config, "_diffusers_version": "0.42.1"})
@@ -427,10 +427,10 @@ def save_unet(unet: UNet, folder: Path, sample_size: int, dtype: torch.dtype) ->
     save_weights(unet, folder / "diffusion_pytorch_model.safetensors", dtype)
 
 
-def save_vae(vae: AutoencoderKL, folder: Path, sample_size: int, dtype: torch.dtype) -> None:
+def save_vae(vae: AutoencoderKL, folder: Path, dtype: torch.dtype) -> None:
     c = vae.config
     write_json(folder / "config.json", {
-        "_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", "sample_size": sample_size,
+        "_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", "sample_size": c.sample_size,
         "in_channels": c.in_channels, "out_channels": c.out_channels, "latent_channels": c.latent_channels,
         "block_out_channels": list(c.block_out_channels), "layers_per_block": c.layers_per_block,
         "down_block_types": ["DownEncoderBlock2D"] * len(c.block_out_channels),
@@ -539,7 +539,8 @@ def run(args: argparse.Namespace) -> None:
     if pipe is None:
         vae_training = TrainConfig(**{**asdict(config), "steps": args.vae_steps, "batch_size": args.vae_batch_size,
                                       "lr": args.vae_lr})
-        vae = train_vae(images, VAEConfig(**asdict(DEFAULT_VAE)), args.kl_weight, vae_training, args.out)
+        vae_config = VAEConfig(**{**asdict(DEFAULT_VAE), "sample_size": size})
+        vae = train_vae(images, vae_config, args.kl_weight, vae_training, args.out)
         pipe = new_pipeline(vae, size, args.seed, args.out.name)
     if args.prediction_type:
         pipe.scheduler_config["prediction_type"] = args.prediction_type

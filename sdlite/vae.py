@@ -37,9 +37,15 @@ class VAEConfig:
     layers_per_block: int = 2  # resnets per encoder level (the decoder has one more)
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215  # applied by the pipeline: latents = scaling_factor * z
+    sample_size: int = 512  # the image side it was trained at; with tiling on, the side of a tile
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
+
+    @property
+    def downscale(self) -> int:
+        """Image side / latent side: 8 in SD (each level but the last halves the side)."""
+        return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
     def from_json(cls, config: dict) -> "VAEConfig":
@@ -220,14 +226,54 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
         self.decoder = Decoder(config)
+        # Images larger than config.sample_size on a side go through in tiles (see `tiled`): memory bounded by one
+        # tile instead of growing with the image, at the price of results that differ from the untiled ones.
+        self.tiling = False
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """q(z|x) for images x (B, C, H, W) in [-1, 1]."""
-        return DiagonalGaussian(self.quant_conv(self.encoder(x.contiguous(memory_format=CHANNELS_LAST))))
+        tile = self.config.sample_size
+        if self.tiling and max(x.shape[2:]) > tile:
+            return DiagonalGaussian(tiled(self.moments, x, tile, tile // self.config.downscale))
+        return DiagonalGaussian(self.moments(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images in about [-1, 1] for latents z (B, latent_channels, h, w), not scaled by scaling_factor."""
+        tile = self.config.sample_size // self.config.downscale
+        if self.tiling and max(z.shape[2:]) > tile:
+            return tiled(self.pixels, z, tile, self.config.sample_size)
+        return self.pixels(z)
+
+    def moments(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(x.contiguous(memory_format=CHANNELS_LAST)))
+
+    def pixels(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z.contiguous(memory_format=CHANNELS_LAST)))
+
+
+def tiled(f, x: torch.Tensor, tile: int, out_tile: int) -> torch.Tensor:
+    """f(x) computed on overlapping tile x tile pieces of x, blended back together, as diffusers' AutoencoderKL does
+    with tiling enabled (and A1111 and ComfyUI offer): a tile starts every 3/4 tile; each output tile (out_tile
+    square) fades in linearly over its first quarter from the tiles above and to its left, and keeps its first 3/4.
+    Tiles see no context beyond their borders, so the result differs from f(x) near the seams."""
+    stride, blend = tile * 3 // 4, out_tile // 4
+    rows = [[f(x[:, :, i:i + tile, j:j + tile]) for j in range(0, x.shape[3], stride)]
+            for i in range(0, x.shape[2], stride)]
+    for i, row in enumerate(rows):
+        for j, out in enumerate(row):
+            if i > 0:
+                fade_in(out, rows[i - 1][j], blend, dim=2)
+            if j > 0:
+                fade_in(out, row[j - 1], blend, dim=3)
+    keep = out_tile - blend
+    return torch.cat([torch.cat([out[:, :, :keep, :keep] for out in row], dim=3) for row in rows], dim=2)
+
+
+def fade_in(b: torch.Tensor, a: torch.Tensor, n: int, dim: int) -> None:
+    """In place: the first n rows (dim 2) or columns (dim 3) of b go linearly from a's last n to b's own."""
+    n = min(a.shape[dim], b.shape[dim], n)
+    for k in range(n):
+        b.select(dim, k).copy_(a.select(dim, k - n) * (1 - k / n) + b.select(dim, k) * (k / n))
 
 
 # Components of LDM key names that diffusers calls differently. The other components are the same in both.

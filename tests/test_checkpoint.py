@@ -1,4 +1,5 @@
 """Loading: both official layouts give the same modules; family, padding and prediction type are read right."""
+import dataclasses
 import shutil
 
 import pytest
@@ -22,7 +23,9 @@ def test_single_file_and_folder_hold_the_same_weights(checkpoints, family):
         for key in a:
             assert a[key].dtype == torch.float32 and torch.equal(a[key], b[key]), f"{name}.{key}"
     assert folder.unet.config == single.unet.config
-    assert folder.vae.config == single.vae.config
+    # a single file does not record the image size: the family's is taken (the test folders' VAE says 32)
+    assert single.vae.config.sample_size == {"sd1": 512, "sd2": 768}[family]
+    assert folder.vae.config == dataclasses.replace(single.vae.config, sample_size=32)
     assert folder.text_encoder.config == single.text_encoder.config
 
 

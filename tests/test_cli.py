@@ -122,6 +122,19 @@ def test_cli_writes_png_with_parameters_and_overwrites_only_when_asked(tmp_path,
     assert [p.name for p in tmp_path.iterdir()] == ["castle.png"]
 
 
+def test_vae_tiling_flag_decodes_in_tiles(tmp_path, checkpoints, capsys):
+    """--vae-tiling: an image wider than the VAE's sample_size (32 pixels in the test model) is decoded in tiles,
+    which changes it (tests/test_vae.py checks the tiles against diffusers); without the flag it is not."""
+    images = []
+    for flags in ([], ["--vae-tiling"]):
+        out = tmp_path / f"tiles{len(flags)}.png"
+        assert main(["txt2img", "a castle", "--model", str(checkpoints / "sd1"), "--steps", "2", "--width", "64",
+                     "--height", "40", "--seed", "3", "--out", str(out), *flags]) == 0
+        images.append(np.asarray(Image.open(out)).astype(int))
+    assert images[0].shape == images[1].shape == (40, 64, 3)
+    assert np.abs(images[0] - images[1]).max() > 0
+
+
 # --- img2img and inpainting ---------------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -75,8 +75,8 @@ def test_packed_convolutions_match_the_reference(case, tmp_path):
     unet = UNet(UNetConfig.from_json(case.config_json))
     unet.load_state_dict(read_safetensors(tmp_path / "unet.safetensors", torch.float32), strict=True, assign=True)
     onednn.pack_convolutions(unet)
-    assert all(m.packed is not None for m in unet.modules() if isinstance(m, onednn.Conv2d))
     assert_matches_reference(unet, case)
+    assert all(m.packed is not None for m in unet.modules() if isinstance(m, onednn.Conv2d))
 
 
 def test_single_file_config_inferred_from_shapes_equals_config_json(case):

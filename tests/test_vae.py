@@ -44,7 +44,7 @@ def reference() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def test_config_from_json(config):
     assert config == VAEConfig(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 24),
-                               layers_per_block=2, norm_num_groups=4, scaling_factor=0.18215)
+                               layers_per_block=2, norm_num_groups=4, scaling_factor=0.18215, sample_size=32)
 
 
 @pytest.mark.parametrize("case", ["a", "b"])
@@ -73,6 +73,27 @@ def test_decode(vae, reference, case):
     assert relative_error(x, ref[f"{case}.decoded"]) < TOLERANCE
 
 
+def test_tiled_encode_and_decode(vae, reference):
+    """With tiling on, images larger than sample_size (32 here) go through in overlapping tiles, as in diffusers'
+    enable_tiling; smaller ones as before."""
+    ref, _ = reference
+    vae.tiling = True
+    try:
+        with torch.no_grad():
+            posterior, decoded = vae.encode(ref["tiled.x"]), vae.decode(ref["tiled.z"])
+            small = ref["tiled.z"][:, :, :8, :8]                 # one tile: decoded whole
+            small_tiled, small_image_tiled = vae.decode(small), vae.encode(ref["tiled.x"][:, :, :32, :32]).mean
+    finally:
+        vae.tiling = False
+    assert relative_error(posterior.mean, ref["tiled.mean"]) < TOLERANCE
+    assert relative_error(posterior.logvar, ref["tiled.logvar"]) < TOLERANCE
+    assert relative_error(decoded, ref["tiled.decoded"]) < TOLERANCE
+    with torch.no_grad():
+        assert torch.equal(small_tiled, vae.decode(small))
+        assert torch.equal(small_image_tiled, vae.encode(ref["tiled.x"][:, :, :32, :32]).mean)
+        assert relative_error(vae.decode(ref["tiled.z"]), ref["tiled.decoded"]) > 1e-3   # tiles do change it
+
+
 def test_logvar_is_clamped():
     logvar = torch.tensor([-100.0, -1.0, 5.0, 100.0]).view(1, 4, 1, 1).expand(1, 4, 2, 2)
     posterior = DiagonalGaussian(torch.cat([torch.zeros(1, 4, 2, 2), logvar], dim=1))
@@ -82,8 +103,9 @@ def test_logvar_is_clamped():
 
 def test_vae_from_ldm(config):
     ldm_config, state_dict = vae_from_ldm(load_weights("vae_ldm.safetensors"))
-    # An LDM file has no record of the GroupNorm groups: LDM always uses 32, the fixture 4 to stay small.
-    assert ldm_config == dataclasses.replace(config, norm_num_groups=32)
+    # An LDM file has no record of the GroupNorm groups (LDM always uses 32, the fixture 4 to stay small) nor of the
+    # image size it was trained at (the loader sets the family's).
+    assert ldm_config == dataclasses.replace(config, norm_num_groups=32, sample_size=512)
     diffusers_state = load_weights("vae_diffusers.safetensors")
     assert state_dict.keys() == diffusers_state.keys()  # so loading it is exactly test_encode's and test_decode's
     for key, value in diffusers_state.items():
