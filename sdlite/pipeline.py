@@ -9,7 +9,8 @@
     image = vae.decode(x / scaling_factor)
 
 All randomness comes from one torch.Generator seeded once, drawn in the reference's order, so a seed means the same
-image as in diffusers.
+image as in diffusers. After each network has done its part, the pages of its memory-mapped weights are handed back
+to the OS (weights.release): a call holds the mapped weights of one network at a time.
 """
 import random
 from dataclasses import dataclass
