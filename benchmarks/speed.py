@@ -1,5 +1,5 @@
 """Speed and memory of sdlite next to diffusers, on the same work, at full Stable Diffusion 1.5 size.
-Run: python benchmarks/speed.py   (needs `pip install -e .[reference]`; about 15 minutes on 2 cores)
+Run: python benchmarks/speed.py   (needs `pip install -e .[reference]`; about 12 minutes on 2 cores)
 
 Both systems load the random-weight SD 1.5 diffusers folder (benchmarks/checkpoints.py).
 

@@ -52,8 +52,10 @@ def weight_state(weight: torch.Tensor) -> tuple[int, int]:
     return weight.data_ptr(), weight._version
 
 
-def pack_convolutions(module: nn.Module) -> None:
-    """Turn packing on for `module`'s Conv2d layers on the CPU, where oneDNN is available."""
+def pack_convolutions(module: nn.Module, on: bool = True) -> None:
+    """Turn packing on (on the CPU, where oneDNN is available) or off for `module`'s Conv2d layers."""
     for conv in module.modules():
         if isinstance(conv, Conv2d):
-            conv.packing = AVAILABLE and conv.weight.device.type == "cpu"
+            conv.packing = on and AVAILABLE and conv.weight.device.type == "cpu"
+            if not conv.packing:
+                conv.packed = conv.packed_for = None

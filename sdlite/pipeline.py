@@ -54,6 +54,9 @@ class Pipeline:
         self.default_size = default_size          # the image side the model was trained at, in pixels
         self.name = name
         self.vae_scale = vae.config.downscale
+        # The sampling loop runs the UNet's convolutions on weights packed for oneDNN (onednn.py); False runs plain
+        # nn.Conv2d, whose fp32 results are bit-identical to diffusers' UNet instead of equal to float rounding.
+        self.packed_convolutions = True
 
     def to(self, device=None, dtype=None) -> "Pipeline":
         for module in (self.text_encoder, self.unet, self.vae):
@@ -232,7 +235,7 @@ class Pipeline:
                         the image's latents noised to the next timestep after each step
         """
         guided = guidance_scale > 1
-        pack_convolutions(self.unet)  # weights reordered for oneDNN once, not at every step (onednn.py)
+        pack_convolutions(self.unet, self.packed_convolutions)  # weights reordered for oneDNN once, not every step
         for i, t in enumerate(timesteps):
             x_in = run.sampler.scale_input(torch.cat([x, x]) if guided else x, t)
             if extra_channels is not None:

@@ -53,3 +53,13 @@ def test_weights_in_process_memory_and_training_use_the_plain_path(tmp_path):
     conv = conv_from_file(tmp_path).requires_grad_(True)
     conv(x).sum().backward()                             # with a gradient wanted, F.conv2d runs
     assert conv.weight.grad is not None and conv.packed is None
+
+
+def test_packing_off_drops_the_copies_and_runs_f_conv2d(tmp_path):
+    conv, x = conv_from_file(tmp_path), torch.randn(2, 32, 12, 20)
+    with torch.no_grad():
+        conv(x)
+        onednn.pack_convolutions(conv, on=False)
+        out = conv(x)
+    assert conv.packed is None and not conv.packing
+    assert torch.equal(out, plain(conv, x))

@@ -10,6 +10,7 @@ import pytest
 from safetensors import safe_open
 
 import sdlite
+from sdlite import onednn
 
 from conftest import FIXTURES
 
@@ -66,6 +67,20 @@ def test_inpaint_matches_reference(checkpoints, case):
     images = pipe.inpaint(c["prompt"], INPUTS / "init.png", INPUTS / "mask.png", strength=c["strength"],
                           mask_blur=c["mask_blur"], **settings(c))
     assert_same_images(images, REFERENCE[case])
+
+
+def test_packed_and_plain_convolutions_both_give_the_reference_images(checkpoints):
+    """The sd1 folder is fp32, so its UNet weights are views of the file and the sampling loop packs them (the path
+    every sd1 folder case above takes); pipe.packed_convolutions = False runs plain nn.Conv2d instead."""
+    name = next(n for n, c in CASES.items() if c["kind"] == "txt2img" and c["family"] == "sd1")
+    c = CASES[name]
+    pipe = sdlite.load(checkpoints / "sd1")
+    convs = [m for m in pipe.unet.modules() if isinstance(m, onednn.Conv2d)]
+    for packed in (True, False):
+        pipe.packed_convolutions = packed
+        images = pipe.txt2img(c["prompt"], width=c["width"], height=c["height"], **settings(c))
+        assert_same_images(images, REFERENCE[name])
+        assert all((conv.packed is not None) == (packed and onednn.AVAILABLE) for conv in convs)
 
 
 def test_a_seed_means_one_image_and_another_seed_another(checkpoints):
