@@ -9,8 +9,8 @@
     image = vae.decode(x / scaling_factor)
 
 All randomness comes from one torch.Generator seeded once, drawn in the reference's order, so a seed means the same
-image as in diffusers. After each network has done its part, the pages of its memory-mapped weights are handed back
-to the OS (weights.release): a call holds the mapped weights of one network at a time.
+image as in diffusers. The networks run `streaming` (weights.py): each layer hands the pages of its memory-mapped
+weights back to the OS right after it has run, so that a call holds the weights of one layer at a time.
 """
 import random
 from dataclasses import dataclass
@@ -30,7 +30,7 @@ from .image import generation_parameters, open_rgb, paste_unmasked, to_tensor
 from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import AutoencoderKL
-from .weights import release
+from .weights import streaming
 
 Progress = Callable[[int, int], None]  # called with (steps done, steps in all)
 ImageInput = Image.Image | str | Path
@@ -213,16 +213,16 @@ class Pipeline:
 
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(1, 3, H, W) pixels in [-1, 1] -> (1, 4, H/8, W/8) latents: a sample of the VAE's posterior, scaled."""
-        posterior = self.vae.encode(pixels.to(self.device, self.dtype))
-        release(self.vae)
+        with streaming(self.vae):
+            posterior = self.vae.encode(pixels.to(self.device, self.dtype))
         return self.vae.config.scaling_factor * posterior.sample(generator)
 
     def encode_prompt(self, prompt: str, negative_prompt: str, batch_size: int, guidance_scale: float) -> torch.Tensor:
         """(2B, 77, D): B copies of the negative prompt's context, then B of the prompt's; (B, 77, D) without guidance."""
         prompts = [negative_prompt or "", prompt] if guidance_scale > 1 else [prompt]
         # one text-encoder call per prompt, as the reference makes them
-        contexts = [self.text_encoder(self.tokenizer([p]).to(self.device)) for p in prompts]
-        release(self.text_encoder)
+        with streaming(self.text_encoder):
+            contexts = [self.text_encoder(self.tokenizer([p]).to(self.device)) for p in prompts]
         return torch.cat([c.repeat(batch_size, 1, 1) for c in contexts])
 
     def denoise(self, x: torch.Tensor, run: "Run", timesteps: torch.Tensor, guidance_scale: float,
@@ -236,29 +236,29 @@ class Pipeline:
         """
         guided = guidance_scale > 1
         pack_convolutions(self.unet, self.packed_convolutions)  # weights reordered for oneDNN once, not every step
-        for i, t in enumerate(timesteps):
-            x_in = run.sampler.scale_input(torch.cat([x, x]) if guided else x, t)
-            if extra_channels is not None:
-                x_in = torch.cat([x_in, torch.cat([extra_channels] * 2) if guided else extra_channels], dim=1)
-            out = self.unet(x_in, t, run.context)
-            if guided:
-                uncond, cond = out.chunk(2)
-                out = uncond + guidance_scale * (cond - uncond)
-            x = run.sampler.step(out, t, x, run.generator)
-            if keep is not None:
-                known, noise, mask = keep
-                if i < len(timesteps) - 1:
-                    known = run.sampler.add_noise(known, noise, timesteps[i + 1:i + 2])
-                x = (1 - mask) * known + mask * x
-            if progress:
-                progress(i + 1, len(timesteps))
-        release(self.unet)
+        with streaming(self.unet):
+            for i, t in enumerate(timesteps):
+                x_in = run.sampler.scale_input(torch.cat([x, x]) if guided else x, t)
+                if extra_channels is not None:
+                    x_in = torch.cat([x_in, torch.cat([extra_channels] * 2) if guided else extra_channels], dim=1)
+                out = self.unet(x_in, t, run.context)
+                if guided:
+                    uncond, cond = out.chunk(2)
+                    out = uncond + guidance_scale * (cond - uncond)
+                x = run.sampler.step(out, t, x, run.generator)
+                if keep is not None:
+                    known, noise, mask = keep
+                    if i < len(timesteps) - 1:
+                        known = run.sampler.add_noise(known, noise, timesteps[i + 1:i + 2])
+                    x = (1 - mask) * known + mask * x
+                if progress:
+                    progress(i + 1, len(timesteps))
         return x
 
     def decode(self, x: torch.Tensor, parameters: str) -> list[Image.Image]:
         """Latents -> uint8 RGB images, rounded as the reference rounds them."""
-        pixels = self.vae.decode(x / self.vae.config.scaling_factor)          # (B, 3, H, W) in [-1, 1]
-        release(self.vae)
+        with streaming(self.vae):
+            pixels = self.vae.decode(x / self.vae.config.scaling_factor)      # (B, 3, H, W) in [-1, 1]
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         images = []
         for i, array in enumerate((pixels * 255).round().astype(np.uint8)):

@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sdlite.weights import read_safetensors, release
+from sdlite.weights import read_safetensors, release, streaming
 
 MB = 2**20
 
@@ -58,3 +58,23 @@ def test_cast_weights_are_copies_and_stay(tmp_path):
     release(layer)
     assert layer.weight.dtype == torch.bfloat16
     assert torch.equal(layer.weight, weight.to(torch.bfloat16))
+
+
+def test_streaming_releases_each_layer_after_it_runs(tmp_path):
+    """Two 16 MB layers from one file: after a forward inside `streaming`, neither holds its pages; outside, both do."""
+    g = torch.Generator().manual_seed(0)
+    save_file({"0.weight": torch.randn(4096, 1024, generator=g), "1.weight": torch.randn(1024, 4096, generator=g)},
+              tmp_path / "two.safetensors")
+    model = nn.Sequential(nn.Linear(1024, 4096, bias=False), nn.Linear(4096, 1024, bias=False)).to("meta")
+    model.load_state_dict(read_safetensors(tmp_path / "two.safetensors", torch.float32), assign=True)
+    x = torch.randn(2, 1024)
+    before = resident_file_pages()
+    expected = model(x)
+    assert resident_file_pages() - before > 24 * MB
+    release(model)
+    before = resident_file_pages()
+    with streaming(model):
+        out = model(x)
+    assert resident_file_pages() - before < 2 * MB
+    assert torch.equal(out, expected)
+    assert all(not layer._forward_hooks for layer in model)       # the hooks go with the block
