@@ -12,14 +12,14 @@ first loop of a pipeline does once), one VAE decode, and one whole txt2img call.
 Load time, first call and peak memory: a new process per system (`speed.py --worker SYSTEM DTYPE`), alternated for
 ROUNDS rounds, that loads the folder and makes one txt2img image (a single step: the peak is the same as with more).
 The first call pays what each system does once (oneDNN compiling its kernels, sdlite packing its weights). Peak
-memory is the process's ru_maxrss, the most it held at once from start-up on; times are the best over rounds.
+memory is the process's VmHWM (benchmarks/memory.py), the most it held at once from start-up on; times are the best
+over rounds.
 
 FLOPs are counted by torch's FlopCounterMode on sdlite's modules on the meta device (convolutions, matrix products
 and attention; the two libraries do the same arithmetic). The machine's peak is a 4096^3 matrix product timed in this
 run in each dtype (the best over the run, measured before each stage); "% peak" is the share of it a stage reaches.
 """
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from memory import peak_gb, warm_page_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -96,7 +98,7 @@ def worker(system: str, dtype: torch.dtype) -> dict:
     load_time = time.perf_counter() - start
     first_call = seconds(stages(system, pipe, dtype, steps=1)["txt2img"])
     return {"load": load_time, "first txt2img": first_call,
-            "peak GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "peak GB": peak_gb()}
 
 
 def alternated(dtype: torch.dtype, peak: dict) -> dict[tuple[str, str], float]:
@@ -156,7 +158,7 @@ def main() -> None:
     start, about = time.perf_counter(), machine()
     assert folder("sd1") == SD1
     for path in SD1.rglob("*.safetensors"):   # in the page cache before the first load
-        path.read_bytes()
+        warm_page_cache(path)
     counted = flops()
     best, peak = {}, {}   # best[system, dtype][stage or "peak GB"]; peak[dtype]: matmul FLOP/s
     for round_ in range(ROUNDS):
@@ -193,7 +195,7 @@ def main() -> None:
             f"2 at {SIDE}x{SIDE} (sdlite's with its convolution weights packed, as in its sampling loop); VAE decode: one {SIDE}x{SIDE} image; txt2img: {STEPS} steps at {SIDE}x{SIDE}, "
             f"guidance {GUIDANCE}, the PNDM scheduler, PIL images out. Stage times: best of {REPEATS} calls, the "
             f"systems alternating call by call in one process; load and first txt2img (1 step, right after loading): "
-            f"best of {ROUNDS} new processes per system; peak memory: ru_maxrss of such a process. Measured matmul peak: "
+            f"best of {ROUNDS} new processes per system; peak memory: VmHWM of such a process. Measured matmul peak: "
             f"{peaks}. "
             f"Took {(time.perf_counter() - start) / 60:.0f} minutes.\n\n" + table(header, rows))
     print(text)

@@ -3,11 +3,10 @@ Run: python benchmarks/tiling.py   (needs `pip install -e .[reference]`; about 6
 
 Each system decodes one latent of a SIDE x SIDE image with SD 1.5's VAE (random weights, benchmarks/checkpoints.py)
 in fp32, untiled and with tiling on (sdlite: `pipe.vae.tiling = True`; diffusers: `pipe.vae.enable_tiling()`; both
-use 512-pixel tiles that start every 384 pixels), each run in a new process whose peak memory (ru_maxrss) is taken
+use 512-pixel tiles that start every 384 pixels), each run in a new process whose peak memory (VmHWM, benchmarks/memory.py) is taken
 after the decode. The tiled outputs of the two systems are compared too.
 """
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from memory import peak_gb  # noqa: E402
+
 SD1 = Path("/tmp/sdbench/sd1")   # checkpoints.folder("sd1"); the workers import only the library they measure
 SIDE = 1024
 OUT = Path("/tmp/sdbench/tiling")
@@ -36,15 +37,14 @@ def worker(system: str, tiled: bool) -> dict:
         if tiled:
             vae.enable_tiling()
         decode = lambda z: vae.decode(z).sample  # noqa: E731
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    before = peak_gb()
     with torch.no_grad():
         start = time.perf_counter()
         image = decode(z)
         seconds = time.perf_counter() - start
     OUT.mkdir(parents=True, exist_ok=True)
     torch.save(image, OUT / f"{system}-{'tiled' if tiled else 'whole'}.pt")
-    return {"seconds": seconds, "peak GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "before GB": before}
+    return {"seconds": seconds, "peak GB": peak_gb(), "before GB": before}
 
 
 def main() -> None:
@@ -67,7 +67,7 @@ def main() -> None:
     whole = torch.load(OUT / "sdlite-whole.pt")
     header = ["system", "decode", "seconds", "peak memory (GB)", "added by the decode (GB)"]
     text = (f"## VAE tiling\n\n{about}\n\n`python benchmarks/tiling.py`: one {SIDE}x{SIDE} decode with SD 1.5's VAE "
-            f"in fp32, whole and in 512-pixel tiles, each in a new process (peak memory: ru_maxrss; 'added': over "
+            f"in fp32, whole and in 512-pixel tiles, each in a new process (peak memory: VmHWM; 'added': over "
             f"the process before the decode). sdlite's tiled image against diffusers' tiled image: max abs "
             f"difference {(a - b).abs().max().item():.1e} (values up to {b.abs().max().item():.1f}); tiled against "
             f"whole (what tiling changes): max {(a - whole).abs().max().item():.2f}, mean "
