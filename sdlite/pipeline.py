@@ -9,8 +9,9 @@
     image = vae.decode(x / scaling_factor)
 
 All randomness comes from one torch.Generator seeded once, drawn in the reference's order, so a seed means the same
-image as in diffusers. The networks run `streaming` (weights.py): each layer hands the pages of its memory-mapped
-weights back to the OS right after it has run, so that a call holds the weights of one layer at a time.
+image as in diffusers. The UNet and the VAE run `streaming` (weights.py): each layer hands the pages of its
+memory-mapped weights back to the OS right after it has run, so that a call holds the weights of one layer at a time
+(the text encoder's go back after both prompts).
 """
 import random
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from .image import generation_parameters, open_rgb, paste_unmasked, to_tensor
 from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import AutoencoderKL
-from .weights import streaming
+from .weights import release, streaming
 
 Progress = Callable[[int, int], None]  # called with (steps done, steps in all)
 ImageInput = Image.Image | str | Path
@@ -221,8 +222,8 @@ class Pipeline:
         """(2B, 77, D): B copies of the negative prompt's context, then B of the prompt's; (B, 77, D) without guidance."""
         prompts = [negative_prompt or "", prompt] if guidance_scale > 1 else [prompt]
         # one text-encoder call per prompt, as the reference makes them
-        with streaming(self.text_encoder):
-            contexts = [self.text_encoder(self.tokenizer([p]).to(self.device)) for p in prompts]
+        contexts = [self.text_encoder(self.tokenizer([p]).to(self.device)) for p in prompts]
+        release(self.text_encoder)  # after both calls: streaming would read its pages back for the second one
         return torch.cat([c.repeat(batch_size, 1, 1) for c in contexts])
 
     def denoise(self, x: torch.Tensor, run: "Run", timesteps: torch.Tensor, guidance_scale: float,

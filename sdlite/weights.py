@@ -2,8 +2,8 @@
 
 A tensor stored in the dtype it is used in is a view of the mapped file, never a copy: its pages are read from disk
 (or the page cache) when first used, and `release` can drop them from the process again between uses. The pipeline
-runs each network `streaming`: every layer hands its pages back right after it has run, so that the process holds
-the weights of the layer at work rather than those of all three networks (the fp32 SD 1.5 weights are 4.3 GB, of
+runs the UNet and the VAE `streaming`: every layer hands its pages back right after it has run, so that the process
+holds the weights of the layer at work rather than those of all three networks (the fp32 SD 1.5 weights are 4.3 GB, of
 which the UNet is 3.4 GB). Reading them back from the page cache at every step costs no time we could measure.
 """
 import itertools
