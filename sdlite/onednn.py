@@ -29,20 +29,20 @@ class Conv2d(nn.Conv2d):
     `packed`: its weight in the layout oneDNN picks for inputs of the shape at hand, made at the first such call."""
     packing = False
     packed: torch.Tensor | None = None
-    packed_for: tuple | None = None  # ((address, version) of the weight, input shape) that `packed` was made for
+    packed_for: tuple | None = None  # ((address, version) of the weight, input shape) that `packed` was decided for
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packing or torch.is_grad_enabled():
             return super().forward(x)
         key = (weight_state(self.weight), tuple(x.shape))
         if self.packed_for != key:
-            self.packed = self.packed_for = None
-            if mapping(self.weight) is None:   # changed, or not a view of the file: a copy would cost memory
-                return super().forward(x)
-            self.packed = torch.ops.mkldnn._reorder_convolution_weight(self.weight, self.padding, self.stride,
-                                                                       self.dilation, self.groups, list(x.shape))
-            self.packed_for = key
-            release(self)                      # the copy is used from now on: the file's pages can go
+            self.packed, self.packed_for = None, key
+            if mapping(self.weight) is not None:   # a view of the file (else a copy would cost memory)
+                self.packed = torch.ops.mkldnn._reorder_convolution_weight(self.weight, self.padding, self.stride,
+                                                                           self.dilation, self.groups, list(x.shape))
+                release(self)                      # the copy is used from now on: the file's pages can go
+        if self.packed is None:
+            return super().forward(x)
         return torch.ops.mkldnn._convolution_pointwise(x, self.packed, self.bias, self.padding, self.stride,
                                                        self.dilation, self.groups, "none", [], "")
 

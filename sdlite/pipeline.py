@@ -26,8 +26,8 @@ from PIL import Image, ImageFilter
 from . import schedulers
 from .clip import CLIPTextModel
 from .errors import UserError
-from .onednn import pack_convolutions
 from .image import generation_parameters, open_rgb, paste_unmasked, to_tensor
+from .onednn import pack_convolutions
 from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import AutoencoderKL

@@ -48,8 +48,7 @@ def read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         stored = data[start:end].view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
         tensors[name] = cast(stored, dtype)
         if tensors[name] is not stored:
-            first_page = (begin + start) // mmap.PAGESIZE * mmap.PAGESIZE
-            mapped.madvise(mmap.MADV_DONTNEED, first_page, begin + end - first_page)
+            drop_pages(mapped, begin + start, stored.nbytes)
     return tensors
 
 
@@ -78,9 +77,13 @@ def release(module: nn.Module) -> None:
     for tensor in itertools.chain(module.parameters(), module.buffers()):
         mapped = mapping(tensor)
         if mapped is not None:
-            offset = tensor.data_ptr() - tensor.untyped_storage().data_ptr()
-            first_page = offset // mmap.PAGESIZE * mmap.PAGESIZE
-            mapped.madvise(mmap.MADV_DONTNEED, first_page, offset + tensor.nbytes - first_page)
+            drop_pages(mapped, tensor.data_ptr() - tensor.untyped_storage().data_ptr(), tensor.nbytes)
+
+
+def drop_pages(mapped: mmap.mmap, offset: int, nbytes: int) -> None:
+    """Drop from this process the pages that hold bytes offset .. offset + nbytes of the mapping."""
+    first_page = offset // mmap.PAGESIZE * mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, first_page, offset + nbytes - first_page)
 
 
 @contextmanager
