@@ -5,9 +5,16 @@
     images = pipe.txt2img("a castle", steps=30, seed=42)      # -> list of PIL images
     sdlite.save_png(images[0], "castle.png")                  # with its generation parameters
 """
-from .checkpoint import load
-from .errors import UserError
-from .image import save_png
-from .pipeline import Pipeline
+import importlib
 
-__all__ = ["load", "Pipeline", "UserError", "save_png"]
+# Imported at first use rather than here, so that importing the package does not import torch: `python -m sdlite`
+# then imports torch in sdlite/__main__.py, where a Ctrl-C during those first seconds ends as one line, not a traceback.
+WHERE = {"load": ".checkpoint", "Pipeline": ".pipeline", "UserError": ".errors", "save_png": ".image"}
+__all__ = list(WHERE)
+
+
+def __getattr__(name: str):
+    """sdlite.load, sdlite.Pipeline, ... (PEP 562: called for names the module does not define)."""
+    if name not in WHERE:
+        raise AttributeError(f"module 'sdlite' has no attribute {name!r}")
+    return getattr(importlib.import_module(WHERE[name], __name__), name)

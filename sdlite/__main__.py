@@ -1,6 +1,23 @@
 """The command line: python -m sdlite txt2img "a castle" --model v1-5-pruned-emaonly.safetensors --out castle.png"""
-import argparse
+import os
+import signal
 import sys
+
+
+def interrupted_while_starting(signum, frame):
+    """Ctrl-C while torch is imported (the first seconds) ends at once: some imports swallow KeyboardInterrupt."""
+    print("interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+# Only as the program (python -m sdlite), and only if Ctrl-C is not ignored (as in a background job).
+starting = __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+if starting:
+    signal.signal(signal.SIGINT, interrupted_while_starting)
+
+import argparse
+import re
+import sysconfig
 import time
 from pathlib import Path
 
@@ -9,18 +26,34 @@ import torch
 from . import schedulers, train
 from .checkpoint import load
 from .errors import UserError
-from .image import save_png
+from .image import check_writable, save_png
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "default"
+if starting:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def default_model() -> Path:
+    """weights/default of the source tree (a checkout, an editable install), or the copy that `pip install .` puts in
+    the installation's data folder (setup.cfg's data_files: PREFIX/share/sdlite/weights/default)."""
+    beside_package = Path(__file__).resolve().parent.parent / "weights" / "default"
+    installed = [Path(sysconfig.get_path("data", scheme)) / "share" / "sdlite" / "weights" / "default"
+                 for scheme in (sysconfig.get_default_scheme(), sysconfig.get_preferred_scheme("user"))]
+    return next((path for path in (beside_package, *installed) if (path / "model_index.json").is_file()),
+                beside_package)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Run the command; a mistake ends as one line on stderr and exit status 2, Ctrl-C as one line and 130."""
     try:
+        args = parser().parse_args(argv)
         args.run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory: choose a smaller size or batch, or --dtype bf16", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -77,42 +110,65 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
 
 def generate(args: argparse.Namespace) -> None:
     """txt2img, img2img and inpaint: load, generate, write the PNGs."""
-    model = args.model or DEFAULT_MODEL
-    if args.model is None and not DEFAULT_MODEL.exists():
-        raise UserError(f"no --model given and no default model at {DEFAULT_MODEL}")
+    model = default_model() if args.model is None else args.model
+    if args.model is None and not model.exists():
+        raise UserError(f"no --model given and no default model at {model}")
     for flag in ("image", "mask"):
         path = getattr(args, flag, None)
         if path is not None and not path.is_file():
             raise UserError(f"--{flag}: no such file: {path}")
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**32, ()).item())
-    outputs = output_paths(args.out or Path(f"{args.command}-{seed}.png"), args.batch_size, args.overwrite)
+    out = args.out or Path(f"{args.command}-{seed}.png")
+    check_outputs(out, args.batch_size, args.overwrite)
     pipe = load(model, dtype=DTYPES[args.dtype], device=args.device, prediction_type=args.prediction_type)
     pipe.vae.tiling = args.vae_tiling
+    progress = ProgressBar()
     settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
-                    seed=seed, scheduler=args.scheduler, batch_size=args.batch_size, progress=ProgressBar())
-    if args.command == "txt2img":
-        images = pipe.txt2img(args.prompt, width=args.width, height=args.height, **settings)
-    elif args.command == "img2img":
-        images = pipe.img2img(args.prompt, args.image, strength=args.strength, **settings)
-    else:
-        images = pipe.inpaint(args.prompt, args.image, args.mask, strength=args.strength, mask_blur=args.mask_blur,
-                              keep_unmasked=args.keep_unmasked, **settings)
-    for image, path in zip(images, outputs):
-        save_png(image, path, overwrite=args.overwrite)
+                    seed=seed, scheduler=args.scheduler, batch_size=args.batch_size, progress=progress)
+    try:
+        if args.command == "txt2img":
+            images = pipe.txt2img(args.prompt, width=args.width, height=args.height, **settings)
+        elif args.command == "img2img":
+            images = pipe.img2img(args.prompt, args.image, strength=args.strength, **settings)
+        else:
+            images = pipe.inpaint(args.prompt, args.image, args.mask, strength=args.strength,
+                                  mask_blur=args.mask_blur, keep_unmasked=args.keep_unmasked, **settings)
+    finally:
+        progress.end_line()  # an error or Ctrl-C mid-loop is reported on a line of its own
+    written = []
+    try:
+        for i, image in enumerate(images):
+            path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+            save_png(image, path, overwrite=args.overwrite)
+            written.append(path)
+    except BaseException:
+        if not args.overwrite:  # all images or none; replaced files cannot be put back
+            for path in written:
+                path.unlink(missing_ok=True)
+        raise
+    for path in written:
         print(path)
 
 
-def output_paths(out: Path, batch_size: int, overwrite: bool) -> list[Path]:
-    """Where each image goes, refused up front if a file is already there (and --overwrite not given)."""
+def check_outputs(out: Path, batch_size: int, overwrite: bool) -> None:
+    """Refuse up front an --out that cannot be written, and one whose file is already there (without --overwrite):
+    `out`, or with a batch OUT-0.png ... OUT-(N-1).png (found by reading the folder, whatever N)."""
     if out.suffix.lower() != ".png":
         raise UserError(f"--out must name a .png file, not {out}")
     if not out.parent.is_dir():
         raise UserError(f"--out: folder {out.parent} does not exist")
-    paths = [out] if batch_size == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(batch_size)]
-    existing = [str(p) for p in paths if p.exists()]
-    if existing and not overwrite:
-        raise UserError(f"{existing[0]} exists: choose another --out or pass --overwrite")
-    return paths
+    check_writable(out.parent)
+    if batch_size == 1:
+        taken = [out] if os.path.lexists(out) else []
+    else:
+        pattern = re.compile(re.escape(out.stem) + r"-(0|[1-9]\d*)" + re.escape(out.suffix))
+        taken = sorted(p for p in out.parent.iterdir()
+                       if (match := pattern.fullmatch(p.name)) and int(match[1]) < batch_size)
+    for path in taken:
+        if path.is_dir():
+            raise UserError(f"--out: {path} is a folder: name a .png file")
+        if not overwrite:
+            raise UserError(f"{path} exists: choose another --out or pass --overwrite")
 
 
 class ProgressBar:
@@ -120,13 +176,18 @@ class ProgressBar:
 
     def __init__(self):
         self.start = time.perf_counter()
+        self.drawn = False   # a bar is on the current line
 
     def __call__(self, done: int, total: int) -> None:
         per_step = (time.perf_counter() - self.start) / done
         bar = "#" * (20 * done // total)
         print(f"\r[{bar:<20}] {done}/{total} steps, {per_step:.2f} s/step", end="", file=sys.stderr)
-        if done == total:
+        self.drawn = True
+
+    def end_line(self) -> None:
+        if self.drawn:
             print(file=sys.stderr)
+            self.drawn = False
 
 
 if __name__ == "__main__":

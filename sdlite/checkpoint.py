@@ -12,6 +12,7 @@
                 attribute names are the diffusers names.
 """
 import json
+import os
 from pathlib import Path
 from unittest import mock
 
@@ -32,6 +33,10 @@ SD1_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "b
                  "skip_prk_steps": True, "set_alpha_to_one": False, "clip_sample": False}
 SD2_SCHEDULER = {**SD1_SCHEDULER, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# Names with these endings are files: a missing one is a mistyped path, never a Hub id.
+FILE_SUFFIXES = (".safetensors", ".sft", ".gguf", ".json", ".yaml", ".onnx", *PICKLE_SUFFIXES)
+# What a conversion or a config constructor raises on keys, shapes or values it cannot make sense of.
+MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError)
 
 
 def load(model: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -39,6 +44,7 @@ def load(model: str | Path, dtype: torch.dtype = torch.float32, device: str | to
     """A Pipeline from a single-file checkpoint, a diffusers folder, or a Hugging Face Hub id (downloaded)."""
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise UserError(f"unknown prediction type {prediction_type!r}: use 'epsilon' or 'v_prediction'")
+    check_device(device)
     path = resolve(model)
     pipe = load_folder(path, dtype) if path.is_dir() else load_single_file(path, dtype)
     if prediction_type is not None:
@@ -46,22 +52,50 @@ def load(model: str | Path, dtype: torch.dtype = torch.float32, device: str | to
     return pipe.to(device=device, dtype=dtype)
 
 
+def check_device(device: str | torch.device) -> None:
+    """Refuse a device that torch does not know or this machine does not have, before any weights are read."""
+    try:
+        device = torch.device(device)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, TypeError) as e:   # AssertionError: "Torch not compiled with CUDA enabled"
+        raise UserError(f"device {str(device)[:40]!r} is not available here ({str(e).splitlines()[0][:80]}): "
+                        "use --device cpu") from None
+    if device.type == "meta":
+        raise UserError("device 'meta' holds no data and cannot generate images: use --device cpu")
+
+
 def resolve(model: str | Path) -> Path:
-    """A local path as it is; otherwise a Hub id such as 'runwayml/stable-diffusion-v1-5', downloaded."""
-    path = Path(model).expanduser()
-    if path.exists():
+    """A local path as it is; otherwise a Hub id such as 'runwayml/stable-diffusion-v1-5', downloaded. Anything that
+    looks like a local path (absolute, ./ or ~, a weights file's suffix, or a first folder that exists here) is never
+    sent to the Hub: a missing one is reported as missing."""
+    if str(model) == "":
+        raise UserError("--model is empty: give a .safetensors file, a diffusers folder or a Hub id")
+    try:
+        path = Path(model).expanduser()
+        exists = path.exists()
+    except (RuntimeError, OSError, ValueError) as e:  # ~user that does not exist, a NUL byte, a name too long
+        raise UserError(f"model path {str(model)[:200]!r} is not usable: {e}") from None
+    if os.path.islink(path) and not exists:
+        raise UserError(f"model not found: {model} is a broken symbolic link (or a loop of them)")
+    if exists:
+        if not (path.is_dir() or path.is_file()):
+            raise UserError(f"{model} is not a regular file or folder (a pipe or a device?): give a .safetensors "
+                            "file or a diffusers folder")
         return path
-    looks_like_hub_id = (isinstance(model, str) and model.count("/") == 1 and not model.startswith((".", "~"))
-                         and not model.endswith((".safetensors", *PICKLE_SUFFIXES)))
+    name = str(model)
+    looks_like_hub_id = (name.count("/") == 1 and not name.startswith((".", "~", "/"))
+                         and not name.lower().endswith(FILE_SUFFIXES) and not Path(name.split("/")[0]).exists())
     if not looks_like_hub_id:
-        raise UserError(f"model not found: {model} (give a .safetensors file, a diffusers folder or a Hub id)")
+        raise UserError(f"model not found: {model} does not exist (give a .safetensors file, a diffusers folder "
+                        "or a Hub id such as owner/name)")
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(model, allow_patterns=[
+        return Path(snapshot_download(name, allow_patterns=[
             "model_index.json", "*/*.json", "tokenizer/*.txt",
             "*/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]))
     except Exception as e:  # offline, unknown repository, gated model: all the user can act on is the message
-        raise UserError(f"could not download {model!r} from the Hugging Face Hub: {str(e).splitlines()[0]}") from None
+        raise UserError(f"no local path {model}, and could not download {model!r} from the Hugging Face Hub: "
+                        f"{str(e).splitlines()[0]}") from None
 
 
 def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -74,11 +108,18 @@ def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise UserError(f"{path}: not a loadable weights-only checkpoint ({str(e).splitlines()[0]}); "
                             "convert it to .safetensors") from None
-        return sd.get("state_dict", sd)
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        if not isinstance(sd, dict):
+            raise UserError(f"{path}: holds {type(sd).__name__} data where a state_dict (named tensors) belongs: "
+                            "not a model checkpoint")
+        wrong = [k for k, v in sd.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))][:1]
+        if wrong:
+            raise UserError(f"{path}: entry {str(wrong[0])[:80]!r} is not a named tensor: not a model checkpoint")
+        return sd
     try:
         return read_safetensors(path, dtype)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({e}); is it truncated?") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def load_single_file(path: Path, dtype: torch.dtype) -> Pipeline:
@@ -91,14 +132,14 @@ def load_single_file(path: Path, dtype: torch.dtype) -> Pipeline:
     text = parts["cond_stage_model."]
     if any(k.startswith("transformer.") for k in text):
         family, scheduler, pad_id, side = "sd1", SD1_SCHEDULER, 49407, 512    # OpenAI CLIP pads with end-of-text
-        text_config, text_sd = clip_from_openai(text)
+        text_config, text_sd = convert(clip_from_openai, text, path, "cond_stage_model.*")
     elif any(k.startswith("model.") for k in text):
         family, scheduler, pad_id, side = "sd2", SD2_SCHEDULER, 0, 768        # OpenCLIP pads with 0 ("!")
-        text_config, text_sd = clip_from_openclip(text)
+        text_config, text_sd = convert(clip_from_openclip, text, path, "cond_stage_model.*")
     else:
         raise UserError(f"{path}: unknown text encoder layout under cond_stage_model.* (neither SD 1.x nor 2.x)")
-    unet_config, unet_sd = unet_from_ldm(parts["model.diffusion_model."])
-    vae_config, vae_sd = vae_from_ldm(parts["first_stage_model."])
+    unet_config, unet_sd = convert(unet_from_ldm, parts["model.diffusion_model."], path, "model.diffusion_model.*")
+    vae_config, vae_sd = convert(vae_from_ldm, parts["first_stage_model."], path, "first_stage_model.*")
     vae_config.sample_size = side   # as the family's diffusers vae/config.json says (the tile side when tiling)
     return Pipeline(
         tokenizer=Tokenizer.from_vendored(pad_id),
@@ -112,31 +153,80 @@ def load_single_file(path: Path, dtype: torch.dtype) -> Pipeline:
 def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
     if not (path / "model_index.json").is_file():
         raise UserError(f"{path}: not a diffusers folder (no model_index.json)")
+    read_json(path / "model_index.json")
     unet_json = read_json(path / "unet" / "config.json")
-    unet_config = UNetConfig.from_json(unet_json)
-    vae_config = VAEConfig.from_json(read_json(path / "vae" / "config.json"))
-    text_config = CLIPTextConfig.from_json(read_json(path / "text_encoder" / "config.json"))
+    unet_config = read_config(UNetConfig, unet_json, path / "unet" / "config.json")
+    vae_config = read_config(VAEConfig, read_json(path / "vae" / "config.json"), path / "vae" / "config.json")
+    text_config = read_config(CLIPTextConfig, read_json(path / "text_encoder" / "config.json"),
+                              path / "text_encoder" / "config.json")
     text_sd = with_text_model_prefix(read_state_dict(weights_file(path / "text_encoder", "model"), dtype))
     unet_sd = read_state_dict(weights_file(path / "unet", "diffusion_pytorch_model"), dtype)
     vae_sd = read_state_dict(weights_file(path / "vae", "diffusion_pytorch_model"), dtype)
     return Pipeline(
-        tokenizer=Tokenizer.from_folder(path / "tokenizer"),
+        tokenizer=read_tokenizer(path / "tokenizer"),
         text_encoder=build(CLIPTextModel, text_config, text_sd, path / "text_encoder"),
         unet=build(UNet, unet_config, unet_sd, path / "unet"),
         vae=build(AutoencoderKL, vae_config, vae_sd, path / "vae"),
         scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
         family="sd2" if text_config.hidden_act == "gelu" else "sd1",
-        default_size=unet_json.get("sample_size", 64) * vae_config.downscale,
+        default_size=sample_size(unet_json, path / "unet" / "config.json") * vae_config.downscale,
         name=path.name)
 
 
 def read_json(path: Path) -> dict:
+    """A config file's JSON object."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} is missing: the diffusers folder is incomplete") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:   # invalid UTF-8 or JSON
+        raise UserError(f"{path}: not valid JSON ({str(e)[:120]})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: holds a JSON {type(data).__name__}, not an object of settings")
+    return data
+
+
+def read_config(config_class, data: dict, path: Path):
+    """config_class.from_json(data), a value of the wrong type or range refused naming the file."""
+    try:
+        return config_class.from_json(data)
+    except UserError:
+        raise
+    except MALFORMED as e:
+        raise UserError(f"{path}: a missing key or a value of the wrong type ({type(e).__name__}: "
+                        f"{str(e)[:120]})") from None
+
+
+def sample_size(unet_json: dict, path: Path) -> int:
+    size = unet_json.get("sample_size", 64)
+    if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:  # diffusers also writes [side, side]
+        size = size[0]
+    if type(size) is not int or size < 1:
+        raise UserError(f"{path}: sample_size must be a positive integer, not {str(size)[:40]}")
+    return size
+
+
+def read_tokenizer(folder: Path) -> Tokenizer:
+    if not folder.is_dir():
+        raise UserError(f"{folder} is missing: the diffusers folder is incomplete")
+    try:
+        return Tokenizer.from_folder(folder)
+    except UserError:
+        raise
+    except (Exception, RecursionError) as e:   # the tokenizers library raises plain Exception on a corrupt file
+        raise UserError(f"{folder}: not a readable CLIP tokenizer ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+
+
+def convert(conversion, state_dict: dict[str, torch.Tensor], path: Path, prefix: str):
+    """conversion(state_dict) -> (config, state dict), weights that do not form the network refused."""
+    try:
+        return conversion(state_dict)
+    except MALFORMED as e:
+        raise UserError(f"{path}: the {prefix} weights do not form the expected network ({type(e).__name__}: "
+                        f"{str(e)[:120]})") from None
 
 
 def weights_file(folder: Path, stem: str) -> Path:
@@ -151,9 +241,19 @@ def build(module_class, config, state_dict: dict[str, torch.Tensor], where: Path
     """The module with the checkpoint's tensors as its parameters: built on the meta device (no memory, no random
     init) and given the loaded tensors themselves, never a copy. A missing or unexpected key is an error."""
     # normal_ (nn.Embedding's init) is skipped: on the meta device it does nothing but import torch._dynamo, seconds
-    with torch.device("meta"), mock.patch("torch.nn.init.normal_", lambda tensor, *args, **kwargs: tensor):
-        module = module_class(config)
-    missing, unexpected = module.load_state_dict(state_dict, strict=False, assign=True)
+    try:
+        with torch.device("meta"), mock.patch("torch.nn.init.normal_", lambda tensor, *args, **kwargs: tensor):
+            module = module_class(config)
+    except UserError:
+        raise
+    except MALFORMED as e:   # a config value of the wrong type or range (read from config.json, or inferred)
+        raise UserError(f"{where}: its config does not describe a network that can be built ({type(e).__name__}: "
+                        f"{str(e)[:120]})") from None
+    try:
+        missing, unexpected = module.load_state_dict(state_dict, strict=False, assign=True)
+    except RuntimeError as e:   # a tensor of the wrong shape
+        problem = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e)[:200])
+        raise UserError(f"{where}: weights do not fit the inferred architecture ({problem})") from None
     if missing or unexpected:
         raise UserError(f"{where}: weights do not fit the inferred architecture "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -6,6 +6,8 @@ AUTOMATIC1111's "PNG Info" reads (key "parameters"):
     Steps: 30, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: v1-5-pruned-emaonly
 """
 import os
+import secrets
+import stat
 import tempfile
 from pathlib import Path
 
@@ -31,35 +33,68 @@ def generation_parameters(prompt: str, negative_prompt: str, fields: dict) -> st
 
 
 def save_png(image: Image.Image, path: str | Path, overwrite: bool = False) -> None:
-    """Write `image` with its `info["parameters"]` as a PNG text chunk. The file appears whole or not at all
-    (written beside the target, then renamed); an existing file is replaced only when `overwrite` is set."""
+    """Write `image` with its `info["parameters"]` as a PNG text chunk. The file appears whole or not at all: it is
+    written beside the target, then linked to the target's name, which fails if a file of that name appeared
+    meanwhile (so of two runs writing the same name, exactly one wins), or with `overwrite` renamed over it, keeping
+    the replaced file's permissions. A new file gets the permissions the umask gives (0644 with the usual 022)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: --out must name a .png file")
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists: choose another --out or pass --overwrite")
     meta = PngImagePlugin.PngInfo()
     if "parameters" in image.info:
         meta.add_text("parameters", image.info["parameters"])
-    fd, tmp = tempfile.mkstemp(suffix=".png.part", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:              # mode 0666 less the umask, as any new file
             image.save(f, format="PNG", pnginfo=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite and path.exists():
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)                  # refuses an existing name, atomically
+    except FileExistsError:
+        raise UserError(f"{path} exists (written meanwhile by another run?): choose another --out or pass "
+                        "--overwrite") from None
+    except OSError as e:                        # a full disk, a folder one may not write to, ...
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse a folder where no file can be created, before spending a generation on the image."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"--out: cannot write to {folder}: {e.strerror or e}") from None
 
 
 def open_rgb(image: str | Path | Image.Image, what: str = "image") -> Image.Image:
-    """A PIL image or a path to one, as RGB (RGBA, palette and greyscale images are converted, not refused)."""
+    """A PIL image or a path to one, as RGB (RGBA, palette and greyscale images are converted, not refused; 16-bit
+    greyscale is scaled to 8 bits, 65535 -> 255, where Pillow's own conversion would clip it to white)."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     try:
         with Image.open(image) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     except FileNotFoundError:
         raise UserError(f"{what} not found: {image}") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{image}: too many pixels to open safely ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise UserError(f"{image}: not an image file ({e})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        levels = np.asarray(image, dtype=np.float64) / 257                       # 0 .. 65535 -> 0 .. 255
+        image = Image.fromarray(levels.round().clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -13,6 +13,7 @@ image as in diffusers. The UNet and the VAE run `streaming` (weights.py): each l
 memory-mapped weights back to the OS right after it has run, so that a call holds the weights of one layer at a time
 (the text encoder's go back after both prompts).
 """
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import AutoencoderKL
 from .weights import release, streaming
+
+GB = 2**30
 
 Progress = Callable[[int, int], None]  # called with (steps done, steps in all)
 ImageInput = Image.Image | str | Path
@@ -87,7 +90,8 @@ class Pipeline:
         """Images from pure noise (as diffusers' StableDiffusionPipeline)."""
         if self.unet.config.in_channels != 4:
             raise UserError("this is an inpainting checkpoint (9 input channels): use inpaint")
-        width, height = width or self.default_size, height or self.default_size
+        width = self.default_size if width is None else width
+        height = self.default_size if height is None else height
         run = self.start(prompt, negative_prompt, steps, guidance_scale, width, height, seed, scheduler, batch_size)
         timesteps = run.sampler.set_timesteps(steps)
         noise = torch.randn(self.latent_shape(batch_size, width, height), generator=run.generator, dtype=self.dtype)
@@ -130,6 +134,8 @@ class Pipeline:
         if mask.size != image.size:
             raise UserError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is "
                             f"{image.size[0]}x{image.size[1]}: give a mask of the image's size")
+        if not (isinstance(mask_blur, (int, float)) and 0 <= mask_blur < math.inf):
+            raise UserError(f"mask blur must be a radius of 0 or more pixels, not {mask_blur}")
         if mask_blur > 0:
             mask = mask.filter(ImageFilter.GaussianBlur(mask_blur))
         image, mask = self.fit(image), self.fit(mask)
@@ -172,12 +178,13 @@ class Pipeline:
         self.check(steps=steps, width=width, height=height, scheduler=scheduler, batch_size=batch_size)
         if strength is not None and not 0 <= strength <= 1:
             raise UserError(f"strength must be between 0 and 1, not {strength}")
+        check_settings(prompt, negative_prompt, guidance_scale, seed)
         seed = random.randrange(2**32) if seed is None else seed
         fields = {"Steps": steps, "Sampler": scheduler, "CFG scale": guidance_scale, "Seed": seed,
                   "Size": f"{width}x{height}", "Model": self.name}
         if strength is not None:
             fields["Denoising strength"] = strength
-        return Run(sampler=schedulers.make(scheduler, self.scheduler_config),
+        return Run(sampler=self.sampler(scheduler),
                    generator=torch.Generator("cpu").manual_seed(seed),
                    context=self.encode_prompt(prompt, negative_prompt, batch_size, guidance_scale),
                    parameters=generation_parameters(prompt, negative_prompt, fields))
@@ -187,11 +194,43 @@ class Pipeline:
             raise UserError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(schedulers.NAMES)}")
         if steps < 1:
             raise UserError(f"steps must be at least 1, not {steps}")
+        trained = self.scheduler_config.get("num_train_timesteps", 1000)
+        if isinstance(trained, int) and steps > trained:
+            raise UserError(f"steps must be at most the {trained} timesteps the model was trained on, not {steps}")
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, not {batch_size}")
         for side, value in (("width", width), ("height", height)):
-            if value < self.vae_scale or value % self.vae_scale:
+            if not isinstance(value, int) or value < self.vae_scale or value % self.vae_scale:
                 raise UserError(f"{side} must be a positive multiple of {self.vae_scale}, not {value}")
+        needed, available = self.working_memory(batch_size, width, height), available_memory()
+        if available is not None and needed > available:
+            raise UserError(f"{width}x{height} with batch size {batch_size} in {str(self.dtype).removeprefix('torch.')} "
+                            f"needs about {needed / GB:.1f} GB of working memory, and {available / GB:.1f} GB are "
+                            f"available: choose a smaller size or batch" + ("" if self.vae.tiling else
+                                                                            ", or use VAE tiling (--vae-tiling)"))
+
+    def working_memory(self, batch_size: int, width: int, height: int) -> int:
+        """Bytes that the largest activations of a call take, roughly (the weights are memory-mapped, not counted):
+        the VAE decoder at full resolution holds about six (B, 2 C0, H, W) tensors at once (C0 its first width; the
+        upsampled input of its last level is twice as wide), the UNet at its first level about three (2B, 8 C0,
+        h, w) ones (its feed-forward's inner width; attention runs in tiles, never as the h w x h w matrix). With
+        tiling the VAE's side is its tile's."""
+        item = self.dtype.itemsize
+        vae_side = self.vae.config.sample_size
+        vae_pixels = min(width, vae_side) * min(height, vae_side) if self.vae.tiling else width * height
+        vae = 6 * batch_size * 2 * self.vae.config.block_out_channels[0] * vae_pixels * item
+        latents = (width // self.vae_scale) * (height // self.vae_scale)
+        unet = 3 * 2 * batch_size * 8 * self.unet.config.block_out_channels[0] * latents * item
+        return max(vae, unet)
+
+    def sampler(self, name: str):
+        """The sampler `name` on the checkpoint's training schedule; a schedule it cannot build is refused."""
+        try:
+            return schedulers.make(name, self.scheduler_config)
+        except UserError:
+            raise
+        except (NotImplementedError, ValueError, TypeError, KeyError) as e:
+            raise UserError(f"the model's scheduler config cannot be used: {str(e)[:160]}") from None
 
     @staticmethod
     def partial_timesteps(sampler, steps: int, strength: float) -> torch.Tensor:
@@ -252,6 +291,7 @@ class Pipeline:
                     if i < len(timesteps) - 1:
                         known = run.sampler.add_noise(known, noise, timesteps[i + 1:i + 2])
                     x = (1 - mask) * known + mask * x
+                self.check_finite(x, f"the latents after step {i + 1} of {len(timesteps)}")
                 if progress:
                     progress(i + 1, len(timesteps))
         return x
@@ -260,6 +300,7 @@ class Pipeline:
         """Latents -> uint8 RGB images, rounded as the reference rounds them."""
         with streaming(self.vae):
             pixels = self.vae.decode(x / self.vae.config.scaling_factor)      # (B, 3, H, W) in [-1, 1]
+        self.check_finite(pixels, "the decoded image")
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         images = []
         for i, array in enumerate((pixels * 255).round().astype(np.uint8)):
@@ -268,3 +309,45 @@ class Pipeline:
             image.info["parameters"] = parameters + batch
             images.append(image)
         return images
+
+    def check_finite(self, x: torch.Tensor, what: str) -> None:
+        """Stop at the first NaN or infinity, which would otherwise end as a black image."""
+        if not torch.isfinite(x).all():
+            cause = ("the weights hold NaN or infinite values, or the guidance scale is too large" if self.dtype ==
+                     torch.float32 else f"{str(self.dtype).removeprefix('torch.')} overflowed: try --dtype fp32")
+            raise UserError(f"{what} hold NaN or infinite values: {cause}")
+
+
+def check_settings(prompt: str, negative_prompt: str, guidance_scale: float, seed: int | None) -> None:
+    """Refuse what the loop would silently replace or turn into garbage."""
+    for what, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+        if not isinstance(text, str):
+            raise UserError(f"the {what} must be text, not {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:   # bytes that were not UTF-8 in argv arrive as lone surrogates
+            raise UserError(f"the {what} is not valid UTF-8 text: {text.encode('utf-8', 'replace')[:60]!r}") from None
+    if not (isinstance(guidance_scale, (int, float)) and 0 <= guidance_scale < math.inf):
+        raise UserError(f"guidance scale must be a finite number of 0 or more (1 or less: unguided), "
+                        f"not {guidance_scale}")
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
+        raise UserError(f"seed must be an integer from 0 to 2**64 - 1, not {seed}")
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still use: the system's MemAvailable, or less under a cgroup memory limit; None where
+    neither can be read (not Linux)."""
+    limits = []
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            limits.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(limits, default=None)

@@ -142,12 +142,18 @@ class Trainer:
         """Load OUT/train/NAME.pt if it exists; True if it did."""
         if not self.state_path.exists():
             return False
-        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.ema.model.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
-        self.step = state["step"]
+        try:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+            self.model.load_state_dict(state["model"])
+            self.ema.model.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
+            if type(state["step"]) is not int or state["step"] < 0:
+                raise ValueError(f"step {state['step']!r}")
+            self.step = state["step"]
+        except Exception as e:  # truncated, another stage's or model's, not a torch file: unpickling raises anything
+            raise UserError(f"{self.state_path} is not a resumable state of this run ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:100] if str(e) else ''}): delete it to start over") from None
         return True
 
     def train_step(self) -> float:
@@ -512,8 +518,35 @@ def add_command(subparsers) -> None:
     p.set_defaults(run=run)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse every setting that would crash the run, silently do nothing, or train on NaN."""
+    at_least = {"--steps": (args.steps, 1), "--vae-steps": (args.vae_steps, 1), "--batch-size": (args.batch_size, 1),
+                "--vae-batch-size": (args.vae_batch_size, 1), "--save-every": (args.save_every, 1),
+                "--scenes": (args.scenes, 1), "--warmup-steps": (args.warmup_steps, 0),
+                "--sample-every": (args.sample_every, 0), "--threads": (args.threads or 1, 1)}
+    for flag, (value, least) in at_least.items():
+        if value < least:
+            raise UserError(f"{flag} must be at least {least}, not {value}")
+    positive = {"--lr": args.lr, "--vae-lr": args.vae_lr, "--grad-clip": args.grad_clip}
+    for flag, value in positive.items():
+        if not 0 < value < math.inf:
+            raise UserError(f"{flag} must be a finite number above 0, not {value}")
+    if not 0 <= args.kl_weight < math.inf:
+        raise UserError(f"--kl-weight must be a finite number of 0 or more, not {args.kl_weight}")
+    if not 0 <= args.ema_decay <= 1:
+        raise UserError(f"--ema-decay must be between 0 and 1, not {args.ema_decay}")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must be an integer from 0 to 2**32 - 1, not {args.seed}")
+    side = 4 if args.pixel else 16   # halved by each UNet level (and by the VAE's 8 first for a latent model)
+    if args.model is None and (args.size < side or args.size % side):
+        raise UserError(f"--size must be a positive multiple of {side}, not {args.size}")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out: {args.out} is a file: name a folder (new, or a run's to resume it)")
+
+
 def run(args: argparse.Namespace) -> None:
     """Whatever --out/train/ holds is resumed: a finished stage is not trained again."""
+    check_arguments(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -8,13 +8,17 @@ which the UNet is 3.4 GB). Reading them back from the page cache at every step c
 """
 import itertools
 import json
+import math
 import mmap
+import os
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .errors import UserError
 
 # The files read_safetensors mapped, by the address where each mapping starts (the data pointer of the storage that
 # all of a file's tensors share); an entry goes when its mapping is gone.
@@ -30,26 +34,65 @@ def read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     range in the data), the data. The file is memory-mapped (copy-on-write) and each tensor is a view of its bytes:
     one already in `dtype` is used in place, never copied, its pages read from disk when first used; one cast to
     `dtype` is read once and its pages are released right after (madvise), so that a bf16 load of an fp32 file
-    holds the bf16 weights only, never the fp32 ones as well."""
+    holds the bf16 weights only, never the fp32 ones as well. A tensor whose bytes do not start at a multiple of its
+    element size (the format does not require the header to be padded) is copied out of the mapping.
+    A file that does not follow the format is refused (UserError) naming what is wrong."""
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise UserError(f"{path}: not a safetensors file ({size} bytes, shorter than the header's length field)")
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     header_size = int.from_bytes(mapped[:8], "little")
-    header = json.loads(mapped[8:8 + header_size])
-    header.pop("__metadata__", None)
+    if header_size > size - 8:
+        raise UserError(f"{path}: not a safetensors file, or truncated (a header of {header_size} bytes "
+                        f"in a file of {size})")
+    header = parse_header(mapped[8:8 + header_size], path)
     begin = 8 + header_size                                            # where the data starts in the file
     whole = torch.frombuffer(mapped, dtype=torch.uint8)
     MAPPINGS[whole.untyped_storage().data_ptr()] = mapped
     data = whole[begin:]
     if max((info["data_offsets"][1] for info in header.values()), default=0) > len(data):
-        raise ValueError("the data ends before the last tensor")
+        raise UserError(f"{path}: the data ends before the last tensor: the file is truncated")
     tensors = {}
     for name, info in header.items():
         start, end = info["data_offsets"]
-        stored = data[start:end].view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        stored_dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        raw = data[start:end]
+        if (begin + start) % stored_dtype.itemsize:
+            raw = raw.clone()                                          # misaligned: a view would be refused
+        stored = raw.view(stored_dtype).reshape(info["shape"])
         tensors[name] = cast(stored, dtype)
         if tensors[name] is not stored:
             drop_pages(mapped, begin + start, stored.nbytes)
     return tensors
+
+
+def parse_header(text: bytes, path: Path) -> dict[str, dict]:
+    """The header's tensors, each checked: a known dtype, a shape of non-negative integers, and a byte range
+    [start, end) within the data that holds exactly that many elements."""
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError) as e:       # invalid UTF-8 or JSON, or nested deeper than Python parses
+        raise UserError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: not a safetensors file (its header is a JSON {type(header).__name__}, not an object)")
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        def bad(what: str) -> UserError:
+            return UserError(f"{path}: tensor {name[:80]!r} has {what} in the header")
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise bad("no dtype, shape and data_offsets")
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise bad(f"an unsupported dtype {str(info['dtype'])[:20]!r} (supported: {', '.join(SAFETENSORS_DTYPES)})")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+            raise bad(f"an invalid shape {str(shape)[:40]}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise bad(f"invalid data_offsets {str(offsets)[:40]}")
+        if offsets[1] - offsets[0] != math.prod(shape) * SAFETENSORS_DTYPES[info["dtype"]].itemsize:
+            raise bad(f"a byte range ({offsets[1] - offsets[0]} bytes) that does not fit its shape {shape}")
+    return header
 
 
 def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
