@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except MemoryError:
-        print("error: out of memory: choose a smaller size or batch, or --dtype bf16", file=sys.stderr)
+    except (MemoryError, RuntimeError) as e:
+        if not (isinstance(e, MemoryError) or "can't allocate memory" in str(e)):  # torch's CPU allocator
+            raise
+        print("error: out of memory: choose a smaller size or batch", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -155,6 +157,10 @@ def check_outputs(out: Path, batch_size: int, overwrite: bool) -> None:
     `out`, or with a batch OUT-0.png ... OUT-(N-1).png (found by reading the folder, whatever N)."""
     if out.suffix.lower() != ".png":
         raise UserError(f"--out must name a .png file, not {out}")
+    try:
+        out.exists()                             # a name too long, a file where a folder should be, ...
+    except OSError as e:
+        raise UserError(f"--out: {out}: {e.strerror}") from None
     if not out.parent.is_dir():
         raise UserError(f"--out: folder {out.parent} does not exist")
     check_writable(out.parent)

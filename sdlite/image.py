@@ -38,15 +38,15 @@ def save_png(image: Image.Image, path: str | Path, overwrite: bool = False) -> N
     meanwhile (so of two runs writing the same name, exactly one wins), or with `overwrite` renamed over it, keeping
     the replaced file's permissions. A new file gets the permissions the umask gives (0644 with the usual 022)."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path} is a folder: --out must name a .png file")
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} exists: choose another --out or pass --overwrite")
     meta = PngImagePlugin.PngInfo()
     if "parameters" in image.info:
         meta.add_text("parameters", image.info["parameters"])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+    tmp = path.with_name(f".sdlite-{os.getpid()}-{secrets.token_hex(4)}.png.part")
     try:
+        if path.is_dir():
+            raise UserError(f"{path} is a folder: --out must name a .png file")
+        if path.exists() and not overwrite:
+            raise UserError(f"{path} exists: choose another --out or pass --overwrite")
         with open(tmp, "xb") as f:              # mode 0666 less the umask, as any new file
             image.save(f, format="PNG", pnginfo=meta)
             f.flush()

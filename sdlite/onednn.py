@@ -38,9 +38,13 @@ class Conv2d(nn.Conv2d):
         if self.packed_for != key:
             self.packed, self.packed_for = None, key
             if mapping(self.weight) is not None:   # a view of the file (else a copy would cost memory)
-                self.packed = torch.ops.mkldnn._reorder_convolution_weight(self.weight, self.padding, self.stride,
-                                                                           self.dilation, self.groups, list(x.shape))
-                release(self)                      # the copy is used from now on: the file's pages can go
+                try:
+                    self.packed = torch.ops.mkldnn._reorder_convolution_weight(
+                        self.weight, self.padding, self.stride, self.dilation, self.groups, list(x.shape))
+                except RuntimeError:               # a dtype this CPU's oneDNN cannot pack (fp16 without AVX-512
+                    pass                           # FP16 or AVX-NE-CONVERT): the plain path
+                else:
+                    release(self)                  # the copy is used from now on: the file's pages can go
         if self.packed is None:
             return super().forward(x)
         return torch.ops.mkldnn._convolution_pointwise(x, self.packed, self.bias, self.padding, self.stride,

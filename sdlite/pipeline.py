@@ -134,8 +134,9 @@ class Pipeline:
         if mask.size != image.size:
             raise UserError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is "
                             f"{image.size[0]}x{image.size[1]}: give a mask of the image's size")
-        if not (isinstance(mask_blur, (int, float)) and 0 <= mask_blur < math.inf):
-            raise UserError(f"mask blur must be a radius of 0 or more pixels, not {mask_blur}")
+        if not (isinstance(mask_blur, (int, float)) and 0 <= mask_blur <= max(mask.size)):
+            raise UserError(f"mask blur must be a radius from 0 to the image's larger side ({max(mask.size)} "
+                            f"pixels), not {mask_blur}")
         if mask_blur > 0:
             mask = mask.filter(ImageFilter.GaussianBlur(mask_blur))
         image, mask = self.fit(image), self.fit(mask)
@@ -194,9 +195,11 @@ class Pipeline:
             raise UserError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(schedulers.NAMES)}")
         if steps < 1:
             raise UserError(f"steps must be at least 1, not {steps}")
-        trained = self.scheduler_config.get("num_train_timesteps", 1000)
-        if isinstance(trained, int) and steps > trained:
-            raise UserError(f"steps must be at most the {trained} timesteps the model was trained on, not {steps}")
+        trained, offset = (self.scheduler_config.get(key, default) for key, default in
+                           (("num_train_timesteps", 1000), ("steps_offset", 0)))
+        if isinstance(trained, int) and isinstance(offset, int) and steps > trained - offset:
+            raise UserError(f"steps must be at most {trained - offset} (the model's {trained} training timesteps"
+                            f"{f' less its steps_offset {offset}' if offset else ''}), not {steps}")
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, not {batch_size}")
         for side, value in (("width", width), ("height", height)):

@@ -493,8 +493,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--model", help="fine-tune this checkpoint's UNet instead of training a new model")
     p.add_argument("--pixel", action="store_true", help="train an unconditional UNet on pixels (no VAE, no text)")
     p.add_argument("--caption", help="one caption for every image of --data")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels for a new model (default: 64; "
-                                                        "fine-tuning uses the checkpoint's own size)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels for a new model, a multiple of 16 "
+                   "(4 with --pixel; default: 64; fine-tuning uses the checkpoint's own size)")
     p.add_argument("--scenes", type=int, default=10000, help="number of generated scene images (--data scenes)")
     p.add_argument("--steps", type=int, default=3500, help="UNet training steps")
     p.add_argument("--vae-steps", type=int, default=2000, help="VAE training steps (new latent models)")
@@ -549,7 +549,10 @@ def run(args: argparse.Namespace) -> None:
     check_arguments(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out: cannot create {args.out}: {e.strerror}") from None
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                          grad_clip=args.grad_clip, ema_decay=args.ema_decay, bf16=args.bf16, seed=args.seed,
                          sample_every=args.sample_every, save_every=args.save_every)

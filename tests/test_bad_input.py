@@ -68,7 +68,7 @@ def no_hub(monkeypatch):
     (["--seed", "-1"], ["seed", "2**64 - 1"]),
     (["--seed", str(2**64)], ["seed", str(2**64)]),
     (["--steps", "0"], ["steps", "at least 1"]),
-    (["--steps", "1001"], ["steps", "at most the 1000 timesteps"]),
+    (["--steps", "1000"], ["steps", "at most 999", "steps_offset 1"]),
     (["--batch-size", "0"], ["batch size", "at least 1"]),
     (["--batch-size", "-3"], ["batch size", "at least 1"]),
     (["--device", "banana"], ["device", "banana", "--device cpu"]),
@@ -95,6 +95,7 @@ def test_prompt_with_bytes_that_are_not_utf8(capsys, tmp_path):
     (["--mask-blur", "-2"], ["mask blur", "-2"]),
     (["--mask-blur", "nan"], ["mask blur", "nan"]),
     (["--mask-blur", "inf"], ["mask blur", "inf"]),
+    (["--mask-blur", "1e300"], ["mask blur", "larger side (64 pixels)"]),
 ])
 def test_inpaint_settings_are_refused(capsys, tmp_path, flags, words):
     image, mask = tmp_path / "in.png", tmp_path / "mask.png"
@@ -267,6 +268,15 @@ def test_non_finite_values_stop_the_run_with_the_step(capsys, tmp_path):
         pipe.txt2img("a red circle", steps=2)
 
 
+def test_fp16_runs_where_onednn_cannot_pack_it(tmp_path):
+    """oneDNN packs fp16 convolution weights only on CPUs with AVX-512 FP16 or AVX-NE-CONVERT; elsewhere the UNet
+    falls back to the plain convolution instead of failing (this machine's case when it lacks both)."""
+    out = tmp_path / "a.png"
+    assert main(["txt2img", "a red circle", "--model", str(DEFAULT), "--steps", "1", "--dtype", "fp16",
+                 "--out", str(out)]) == 0
+    assert Image.open(out).size == (64, 64)
+
+
 # --- files: written whole, exclusively, with the usual permissions --------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -280,7 +290,8 @@ def test_output_places_that_cannot_be_written(capsys, tmp_path):
     folder_named_png.mkdir()
     for out, words in [(folder_named_png, ["is a folder"]), (tmp_path, ["must name a .png file"]),
                        (Path("/proc/sdlite.png"), ["cannot write to /proc"]),
-                       (tmp_path / "nowhere" / "a.png", ["does not exist"])]:
+                       (tmp_path / "nowhere" / "a.png", ["does not exist"]),
+                       (tmp_path / ("x" * 300 + ".png"), ["File name too long"])]:
         for flags in ([], ["--overwrite"]):
             refused(capsys, ["txt2img", "a red circle", "--model", DEFAULT, "--steps", "1", "--out", out, *flags],
                     *words)
@@ -399,11 +410,12 @@ def test_train_mistakes(capsys, tmp_path, flags, words):
     assert not out.exists()
 
 
-def test_train_out_an_existing_file(capsys, tmp_path):
+def test_train_out_an_existing_file_or_an_impossible_folder(capsys, tmp_path):
     out = tmp_path / "model.bin"
     out.write_bytes(b"keep me")
     refused(capsys, ["train", "--data", "scenes", "--out", out], "is a file")
     assert out.read_bytes() == b"keep me"
+    refused(capsys, ["train", "--data", "scenes", "--out", out / "run"], "cannot create", "Not a directory")
 
 
 @pytest.mark.parametrize("state", ["truncated", "foreign", "not torch"])
