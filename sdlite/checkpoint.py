@@ -175,6 +175,8 @@ def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
 
 def read_json(path: Path) -> dict:
     """A config file's JSON object."""
+    if path.exists() and not path.is_file():   # a folder, or a pipe that would block the read
+        raise UserError(f"{path}: not a regular file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -323,18 +323,22 @@ class Pipeline:
 
 def check_settings(prompt: str, negative_prompt: str, guidance_scale: float, seed: int | None) -> None:
     """Refuse what the loop would silently replace or turn into garbage."""
-    for what, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-        if not isinstance(text, str):
-            raise UserError(f"the {what} must be text, not {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:   # bytes that were not UTF-8 in argv arrive as lone surrogates
-            raise UserError(f"the {what} is not valid UTF-8 text: {text.encode('utf-8', 'replace')[:60]!r}") from None
+    check_text("prompt", prompt)
+    check_text("negative prompt", negative_prompt)
     if not (isinstance(guidance_scale, (int, float)) and 0 <= guidance_scale < math.inf):
         raise UserError(f"guidance scale must be a finite number of 0 or more (1 or less: unguided), "
                         f"not {guidance_scale}")
     if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
         raise UserError(f"seed must be an integer from 0 to 2**64 - 1, not {seed}")
+
+
+def check_text(what: str, text: str) -> None:
+    if not isinstance(text, str):
+        raise UserError(f"the {what} must be text, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:   # bytes that were not UTF-8 in argv arrive as lone surrogates
+        raise UserError(f"the {what} is not valid UTF-8 text: {text.encode('utf-8', 'replace')[:60]!r}") from None
 
 
 def available_memory() -> int | None:

@@ -42,7 +42,7 @@ from .checkpoint import load
 from .clip import CLIPTextConfig, CLIPTextModel
 from .errors import UserError
 from .image import open_rgb
-from .pipeline import Pipeline
+from .pipeline import Pipeline, check_text
 from .schedulers.schedule import TrainingSchedule, alphas_cumprod
 from .tokenizer import Tokenizer
 from .unet import UNet, UNetConfig
@@ -275,7 +275,10 @@ def read_folder(folder: Path, size: int, caption: str | None) -> tuple[np.ndarra
         text = path.with_suffix(".txt")
         if caption is None and not text.exists():
             raise UserError(f"{path.name} has no caption: write {text.name} beside it, or pass --caption")
-        captions.append(caption if caption is not None else text.read_text(encoding="utf-8").strip())
+        try:
+            captions.append(caption if caption is not None else text.read_text(encoding="utf-8").strip())
+        except (UnicodeDecodeError, OSError) as e:
+            raise UserError(f"{text}: not a readable UTF-8 caption ({e})") from None
     return images, captions
 
 
@@ -523,7 +526,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     at_least = {"--steps": (args.steps, 1), "--vae-steps": (args.vae_steps, 1), "--batch-size": (args.batch_size, 1),
                 "--vae-batch-size": (args.vae_batch_size, 1), "--save-every": (args.save_every, 1),
                 "--scenes": (args.scenes, 1), "--warmup-steps": (args.warmup_steps, 0),
-                "--sample-every": (args.sample_every, 0), "--threads": (args.threads or 1, 1)}
+                "--sample-every": (args.sample_every, 0),
+                "--threads": (1 if args.threads is None else args.threads, 1)}
     for flag, (value, least) in at_least.items():
         if value < least:
             raise UserError(f"{flag} must be at least {least}, not {value}")
@@ -535,6 +539,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--kl-weight must be a finite number of 0 or more, not {args.kl_weight}")
     if not 0 <= args.ema_decay <= 1:
         raise UserError(f"--ema-decay must be between 0 and 1, not {args.ema_decay}")
+    if args.caption is not None:
+        check_text("--caption", args.caption)
     if not 0 <= args.seed < 2**32:
         raise UserError(f"--seed must be an integer from 0 to 2**32 - 1, not {args.seed}")
     side = 4 if args.pixel else 16   # halved by each UNet level (and by the VAE's 8 first for a latent model)

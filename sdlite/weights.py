@@ -78,21 +78,27 @@ def parse_header(text: bytes, path: Path) -> dict[str, dict]:
         raise UserError(f"{path}: not a safetensors file (its header is a JSON {type(header).__name__}, not an object)")
     header.pop("__metadata__", None)
     for name, info in header.items():
-        def bad(what: str) -> UserError:
-            return UserError(f"{path}: tensor {name[:80]!r} has {what} in the header")
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise bad("no dtype, shape and data_offsets")
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise bad(f"an unsupported dtype {str(info['dtype'])[:20]!r} (supported: {', '.join(SAFETENSORS_DTYPES)})")
-        shape, offsets = info["shape"], info["data_offsets"]
-        if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
-            raise bad(f"an invalid shape {str(shape)[:40]}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
-            raise bad(f"invalid data_offsets {str(offsets)[:40]}")
-        if offsets[1] - offsets[0] != math.prod(shape) * SAFETENSORS_DTYPES[info["dtype"]].itemsize:
-            raise bad(f"a byte range ({offsets[1] - offsets[0]} bytes) that does not fit its shape {shape}")
+        problem = tensor_entry_problem(info)
+        if problem:
+            raise UserError(f"{path}: tensor {name[:80]!r} has {problem} in the header")
     return header
+
+
+def tensor_entry_problem(info) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        return "no dtype, shape and data_offsets"
+    if not isinstance(info["dtype"], str) or info["dtype"] not in SAFETENSORS_DTYPES:
+        return f"an unsupported dtype {str(info['dtype'])[:20]!r} (supported: {', '.join(SAFETENSORS_DTYPES)})"
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+        return f"an invalid shape {str(shape)[:40]}"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        return f"invalid data_offsets {str(offsets)[:40]}"
+    if offsets[1] - offsets[0] != math.prod(shape) * SAFETENSORS_DTYPES[info["dtype"]].itemsize:
+        return f"a byte range ({offsets[1] - offsets[0]} bytes) that does not fit its shape {shape}"
+    return None
 
 
 def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

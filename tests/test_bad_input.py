@@ -131,7 +131,7 @@ def sd1_tensors(checkpoints):
 
 def folder_copy(tmp_path: Path, change: dict[str, object] | None = None) -> Path:
     """weights/default with its config files copied (the weights linked), then `change`: {relative path: new
-    content (bytes or a JSON value) or None to delete}."""
+    content (bytes or a JSON value), None to delete, or "fifo" for a named pipe}."""
     folder = tmp_path / "model"
     for source in DEFAULT.rglob("*"):
         target = folder / source.relative_to(DEFAULT)
@@ -145,6 +145,9 @@ def folder_copy(tmp_path: Path, change: dict[str, object] | None = None) -> Path
         path = folder / name
         if content is None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+        elif content == "fifo":                          # a named pipe: reading it would wait forever
+            path.unlink()
+            os.mkfifo(path)
         else:
             path.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
     return folder
@@ -162,6 +165,7 @@ def with_key(path: Path, key: str, value) -> dict:
     (safetensors_bytes({"a": 5}), ["'a'", "no dtype"]),
     (safetensors_bytes({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 4]}}), ["'a'", "does not fit"]),
     (safetensors_bytes({"a": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 1]}}), ["'a'", "unsupported dtype"]),
+    (safetensors_bytes({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}), ["'a'", "unsupported dtype"]),
     (safetensors_bytes({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}), ["'a'", "invalid shape"]),
     (safetensors_bytes({"a": {"dtype": "F32", "shape": [100], "data_offsets": [0, 400]}}), ["truncated"]),
     (b"\x01\x02", ["shorter than the header's length"]),
@@ -224,6 +228,7 @@ def test_pickled_checkpoints_that_are_not_state_dicts(capsys, tmp_path, content,
     (with_key("vae/config.json", "block_out_channels", 7), ["vae/config.json"]),
     (with_key("text_encoder/config.json", "num_hidden_layers", None), ["text_encoder", "config"]),
     ({"vae/config.json": None}, ["vae/config.json is missing"]),
+    ({"vae/config.json": "fifo"}, ["vae/config.json: not a regular file"]),
     ({"tokenizer": None}, ["tokenizer is missing"]),
     ({"tokenizer/vocab.json": b"{\"a\": "}, ["tokenizer", "not a readable CLIP tokenizer"]),
     ({"tokenizer/merges.txt": None}, ["tokenizer", "not a readable CLIP tokenizer"]),
@@ -403,6 +408,8 @@ def test_misaligned_safetensors_are_read_as_the_library_reads_them(tmp_path):
     (["--size", "7"], ["--size", "multiple of 16", "7"]),
     (["--ema-decay", "1.5"], ["--ema-decay"]),
     (["--seed", "-1"], ["--seed"]),
+    (["--threads", "0"], ["--threads", "at least 1"]),
+    (["--caption", "a \udcff"], ["--caption", "UTF-8"]),
 ])
 def test_train_mistakes(capsys, tmp_path, flags, words):
     out = tmp_path / "run"
@@ -416,6 +423,12 @@ def test_train_out_an_existing_file_or_an_impossible_folder(capsys, tmp_path):
     refused(capsys, ["train", "--data", "scenes", "--out", out], "is a file")
     assert out.read_bytes() == b"keep me"
     refused(capsys, ["train", "--data", "scenes", "--out", out / "run"], "cannot create", "Not a directory")
+
+
+def test_train_caption_that_is_not_utf8(capsys, tmp_path):
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes(b"\xff\xfe a red square")
+    refused(capsys, ["train", "--data", tmp_path, "--size", "16", "--out", tmp_path / "run"], "a.txt", "UTF-8")
 
 
 @pytest.mark.parametrize("state", ["truncated", "foreign", "not torch"])
@@ -550,3 +563,20 @@ def test_ctrl_c_ends_with_one_line_and_130(tmp_path):
         assert process.returncode == 130, err
         assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
         assert not out.exists()
+
+
+def test_an_installed_package_finds_the_default_model(tmp_path, monkeypatch):
+    """`pip install .` (not editable) puts the package in site-packages and weights/default in the data folder
+    (setup.cfg's data_files); the lookup goes there when no weights/ is beside the package (checked for real with a
+    venv, see the README)."""
+    import sysconfig
+
+    import sdlite.__main__ as cli
+    installed = tmp_path / "prefix" / "share" / "sdlite" / "weights" / "default"
+    shutil.copytree(DEFAULT, installed)
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "prefix" / "lib" / "site-packages" / "sdlite" / "__main__.py"))
+    monkeypatch.setattr(sysconfig, "get_path", lambda name, scheme=None: str(tmp_path / "prefix"))
+    assert cli.default_model() == installed
+    setup = (ROOT / "setup.cfg").read_text()
+    for folder in ["", "/scheduler", "/text_encoder", "/tokenizer", "/unet", "/vae"]:
+        assert f"share/sdlite/weights/default{folder} = weights/default{folder}/" in setup
