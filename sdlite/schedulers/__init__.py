@@ -25,6 +25,7 @@ from .euler import Euler, EulerConfig
 from .euler_ancestral import EulerAncestral, EulerAncestralConfig
 from .lms import LMS, LMSConfig
 from .pndm import PNDM, PNDMConfig
+from . import schedule
 from .unipc import UniPC, UniPCConfig
 
 # name -> (sampler, its config, the config values the name fixes)
@@ -66,6 +67,7 @@ def make(name: str, config: dict):
     given = {k: v for k, v in config.items() if k not in config.get("_use_default_values", [])}
     for key, accepted in config_class.only.items():
         if key in given and given[key] not in accepted:
-            raise NotImplementedError(f"{name}: {key}={given[key]!r} is not implemented (only {accepted})")
+            raise schedule.NotImplementedOption(f"scheduler config: {name} does not implement {key}={given[key]!r} "
+                                                f"(only {', '.join(map(repr, accepted))}): choose another --scheduler")
     known = {f.name for f in dataclasses.fields(config_class)}
     return sampler(config_class(**{**{k: v for k, v in given.items() if k in known}, **fixed}))
