@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdlite import schedulers
+from sdlite.pipeline import rescale_guidance
 from sdlite.errors import UserError
 from sdlite.schedulers import schedule
 
@@ -78,6 +79,16 @@ def run(sampler, n: int, strength: float) -> dict:
     return out
 
 
+def config_of(name: str, config: str) -> dict:
+    """The config a run was made from: "pipeline_<c>[_inpaint]" runs take PIPELINE_CONFIGS[c] as diffusers' SD
+    pipelines (txt2img or inpainting) rewrite it."""
+    if config.startswith("pipeline_"):
+        base = config.removeprefix("pipeline_").removesuffix("_inpaint")
+        inpainting = config.endswith("_inpaint")
+        return schedulers.as_pipelines_see_it(name, META["pipeline_configs"][base], inpainting)
+    return CONFIGS[config]
+
+
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours - reference).abs().max() / reference.abs().max()).item()
 
@@ -86,7 +97,7 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 def test_matches_reference(name, config):
     for job, reference in RECORDED[name][config].items():
         n, strength = re.fullmatch(r"n(\d+)(?:_strength(.+))?", job).groups()
-        sampler = schedulers.make(name, CONFIGS[config])
+        sampler = schedulers.make(name, config_of(name, config))
         ours = run(sampler, int(n), float(strength or 1.0))
         assert ours["timesteps"].dtype == reference["timesteps"].dtype, job
         if reference["timesteps"].dtype == torch.int64:  # integers, rounded as the reference rounds: exact
@@ -109,7 +120,8 @@ def test_every_sampler_and_config_is_recorded():
         # configs where the reference gives only non-finite values (see make_schedulers.py), at most one per sampler
         unrecorded = set(META["unrecorded"][name])
         assert len(unrecorded) <= 1, name
-        assert set(RECORDED[name]) | refused | unrecorded == set(CONFIGS), name
+        pipeline = {f"pipeline_{c}{kind}" for c in META["pipeline_configs"] for kind in ("", "_inpaint")}
+        assert set(RECORDED[name]) | refused | unrecorded == set(CONFIGS) | pipeline, name
 
 
 @pytest.mark.parametrize("name,config", [(n, c) for n, configs in META["refused"].items() for c in configs])
@@ -148,3 +160,12 @@ def test_class_names():
     assert set(schedulers.CLASS_NAMES.values()) <= set(schedulers.NAMES)
     assert schedulers.CLASS_NAMES[CONFIGS["sd1"]["_class_name"]] == "pndm"
     assert schedulers.CLASS_NAMES[CONFIGS["sd2v"]["_class_name"]] == "ddim"
+
+
+def test_guidance_rescale_matches_reference():
+    """The pipelines' guidance_rescale (Lin et al. 2023, sec. 3.4) against diffusers' rescale_noise_cfg."""
+    reference = torch.tensor(META["guidance_rescale"]["rescaled"]).view(META["shape"])
+    ours = rescale_guidance(X0 * 7.5 - W * 6.5, X0, META["guidance_rescale"]["phi"])
+    # two standard deviations over 60 values (a sum of squares: ~log2(60) roundings each, a sqrt), their ratio and
+    # the mix: about 16 fp32 roundings, each up to EPS relative
+    assert relative_error(ours, reference) <= 16 * EPS

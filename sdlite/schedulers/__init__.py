@@ -71,3 +71,17 @@ def make(name: str, config: dict):
                                                 f"(only {', '.join(map(repr, accepted))}): choose another --scheduler")
     known = {f.name for f in dataclasses.fields(config_class)}
     return sampler(config_class(**{**{k: v for k, v in given.items() if k in known}, **fixed}))
+
+
+def as_pipelines_see_it(name: str, config: dict, inpainting: bool = False) -> dict:
+    """The scheduler config that diffusers' Stable Diffusion pipelines give the sampler `name`: their __init__
+    rewrites the checkpoint's scheduler config to steps_offset 1 and (txt2img and img2img, not inpainting)
+    clip_sample off where the checkpoint's own scheduler would clip. A rewritten key reaches another sampler (one
+    swapped in with from_config) only if the file gave it; keys the file left out take that sampler's defaults."""
+    given = {k: v for k, v in config.items() if k not in config.get("_use_default_values", [])}
+    own = CLASS_NAMES.get(given.get("_class_name", "PNDMScheduler"))
+    own_defaults = SAMPLERS[own][1] if own else None
+    rewrites = {"steps_offset": 1}
+    if not inpainting and given.get("clip_sample", getattr(own_defaults, "clip_sample", False)):
+        rewrites["clip_sample"] = False
+    return {**given, **{k: v for k, v in rewrites.items() if k in given or name == own}}
