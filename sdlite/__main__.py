@@ -92,7 +92,8 @@ def generate(args: argparse.Namespace) -> None:
     pipe = load(model, dtype=DTYPES[args.dtype], device=args.device, prediction_type=args.prediction_type)
     pipe.vae.tiling = args.vae_tiling
     settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
-                    guidance_rescale=args.guidance_rescale, seed=seed, scheduler=args.scheduler, batch_size=args.batch_size, progress=ProgressBar())
+                    guidance_rescale=args.guidance_rescale, seed=seed, scheduler=args.scheduler,
+                    batch_size=args.batch_size, progress=ProgressBar())
     if args.command == "txt2img":
         images = pipe.txt2img(args.prompt, width=args.width, height=args.height, **settings)
     elif args.command == "img2img":

@@ -168,7 +168,8 @@ def k_diffusion_sigmas(cfg: TrainingSchedule, alphas_cumprod: torch.Tensor, n: i
     if karras:
         sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), n)
         timesteps = sigma_to_t(sigmas, np.log(train)).astype(np.float32)
-    return torch.from_numpy(timesteps), torch.from_numpy(np.append(sigmas, final(final_sigma, train)).astype(np.float32))
+    sigmas = np.append(sigmas, final(final_sigma, train)).astype(np.float32)
+    return torch.from_numpy(timesteps), torch.from_numpy(sigmas)
 
 
 def final(final_sigma: str, train: np.ndarray) -> float:
@@ -213,7 +214,8 @@ def multistep_sigmas(cfg: TrainingSchedule, alphas_cumprod: torch.Tensor, n: int
         if round_timesteps:
             timesteps = timesteps.round()
         timesteps = timesteps.astype(np.int64)
-    return torch.from_numpy(timesteps), torch.from_numpy(np.append(sigmas, final(final_sigma, train)).astype(np.float32))
+    sigmas = np.append(sigmas, final(final_sigma, train)).astype(np.float32)
+    return torch.from_numpy(timesteps), torch.from_numpy(sigmas)
 
 
 def alpha_sigma(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
