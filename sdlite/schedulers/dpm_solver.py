@@ -62,8 +62,8 @@ class DPMSolver(schedule.MultistepSampler):
         s, s_next = self.sigmas[self.i], self.sigmas[self.i + 1]
         alpha, sigma = schedule.alpha_sigma(s)
         alpha_next, sigma_next = schedule.alpha_sigma(s_next)
-        self.x0s = (self.x0s + [schedule.x0_from(self.cfg.prediction_type, model_output, x, alpha, sigma)])
-        self.x0s = self.x0s[-self.cfg.solver_order:]
+        x0 = schedule.x0_from(self.cfg.prediction_type, model_output, x, alpha, sigma)
+        self.x0s = (self.x0s + [x0])[-self.cfg.solver_order:]
         order = self.order()
         h = schedule.log_snr(s_next) - schedule.log_snr(s)
         phi = torch.exp(-h) - 1.0
