@@ -47,6 +47,7 @@ class Run:
     generator: torch.Generator      # seeded once; every random draw of the call comes from it
     context: torch.Tensor           # (2B or B, 77, D) text-encoder output: negative prompt first when guided
     parameters: str                 # the PNG "parameters" text
+    guidance_rescale: float = 0.0   # see rescale_guidance
 
 
 class Pipeline:
@@ -86,13 +87,15 @@ class Pipeline:
     @torch.no_grad()
     def txt2img(self, prompt: str, negative_prompt: str = "", steps: int = 50, guidance_scale: float = 7.5,
                 width: int | None = None, height: int | None = None, seed: int | None = None,
-                scheduler: str | None = None, batch_size: int = 1, progress: Progress | None = None) -> list[Image.Image]:
+                scheduler: str | None = None, batch_size: int = 1, progress: Progress | None = None,
+                guidance_rescale: float = 0.0) -> list[Image.Image]:
         """Images from pure noise (as diffusers' StableDiffusionPipeline)."""
         if self.unet.config.in_channels != 4:
             raise UserError("this is an inpainting checkpoint (9 input channels): use inpaint")
         width = self.default_size if width is None else width
         height = self.default_size if height is None else height
-        run = self.start(prompt, negative_prompt, steps, guidance_scale, width, height, seed, scheduler, batch_size)
+        run = self.start(prompt, negative_prompt, steps, guidance_scale, width, height, seed, scheduler, batch_size,
+                         guidance_rescale=guidance_rescale)
         timesteps = run.sampler.set_timesteps(steps)
         noise = torch.randn(self.latent_shape(batch_size, width, height), generator=run.generator, dtype=self.dtype)
         x = noise.to(self.device) * run.sampler.init_sigma
@@ -102,14 +105,15 @@ class Pipeline:
     @torch.no_grad()
     def img2img(self, prompt: str, image: ImageInput, strength: float = 0.8, negative_prompt: str = "",
                 steps: int = 50, guidance_scale: float = 7.5, seed: int | None = None, scheduler: str | None = None,
-                batch_size: int = 1, progress: Progress | None = None) -> list[Image.Image]:
+                batch_size: int = 1, progress: Progress | None = None,
+                guidance_rescale: float = 0.0) -> list[Image.Image]:
         """Images that start from `image` noised to the timestep `strength` picks (SDEdit, Meng et al. 2022): the
         last strength * steps steps of the schedule are run (as diffusers' StableDiffusionImg2ImgPipeline)."""
         if self.unet.config.in_channels != 4:
             raise UserError("this is an inpainting checkpoint (9 input channels): use inpaint")
         image = self.fit(open_rgb(image))
         run = self.start(prompt, negative_prompt, steps, guidance_scale, *image.size, seed, scheduler, batch_size,
-                         strength)
+                         strength, guidance_rescale)
         timesteps = self.partial_timesteps(run.sampler, steps, strength)
         x0 = self.encode_image(to_tensor(image), run.generator).repeat(batch_size, 1, 1, 1)
         noise = torch.randn(x0.shape, generator=run.generator, dtype=self.dtype).to(self.device)
@@ -121,7 +125,8 @@ class Pipeline:
     def inpaint(self, prompt: str, image: ImageInput, mask: ImageInput, strength: float = 1.0,
                 negative_prompt: str = "", steps: int = 50, guidance_scale: float = 7.5, seed: int | None = None,
                 scheduler: str | None = None, batch_size: int = 1, mask_blur: float = 0,
-                keep_unmasked: bool = False, progress: Progress | None = None) -> list[Image.Image]:
+                keep_unmasked: bool = False, progress: Progress | None = None,
+                guidance_rescale: float = 0.0) -> list[Image.Image]:
         """Repaint the white part of `mask`, keep the black part (as diffusers' StableDiffusionInpaintPipeline).
 
         A 9-channel inpainting UNet sees the mask and the masked image's latents beside x at every step; a
@@ -145,7 +150,7 @@ class Pipeline:
         if not m.any():
             raise UserError("the mask is all black: nothing to repaint (white marks the region to repaint)")
         run = self.start(prompt, negative_prompt, steps, guidance_scale, *image.size, seed, scheduler, batch_size,
-                         strength)
+                         strength, guidance_rescale, inpainting=True)
         timesteps = self.partial_timesteps(run.sampler, steps, strength)
         nine_channels = self.unet.config.in_channels == 9
 
@@ -173,19 +178,24 @@ class Pipeline:
         return images
 
     def start(self, prompt: str, negative_prompt: str, steps: int, guidance_scale: float, width: int, height: int,
-              seed: int | None, scheduler: str | None, batch_size: int, strength: float | None = None) -> "Run":
+              seed: int | None, scheduler: str | None, batch_size: int, strength: float | None = None,
+              guidance_rescale: float = 0.0, inpainting: bool = False) -> "Run":
         """Check the settings, seed the generator, build the sampler and encode the prompts."""
         scheduler = scheduler or self.default_scheduler
         self.check(steps=steps, width=width, height=height, scheduler=scheduler, batch_size=batch_size)
         if strength is not None and not 0 <= strength <= 1:
             raise UserError(f"strength must be between 0 and 1, not {strength}")
         check_settings(prompt, negative_prompt, guidance_scale, seed)
+        if not 0 <= guidance_rescale <= 1:
+            raise UserError(f"guidance rescale must be between 0 and 1, not {guidance_rescale}")
         seed = random.randrange(2**32) if seed is None else seed
         fields = {"Steps": steps, "Sampler": scheduler, "CFG scale": guidance_scale, "Seed": seed,
                   "Size": f"{width}x{height}", "Model": self.name}
         if strength is not None:
             fields["Denoising strength"] = strength
-        return Run(sampler=self.sampler(scheduler),
+        if guidance_rescale:
+            fields["Guidance rescale"] = guidance_rescale
+        return Run(sampler=self.sampler(scheduler, steps, inpainting), guidance_rescale=guidance_rescale,
                    generator=torch.Generator("cpu").manual_seed(seed),
                    context=self.encode_prompt(prompt, negative_prompt, batch_size, guidance_scale),
                    parameters=generation_parameters(prompt, negative_prompt, fields))
@@ -195,11 +205,6 @@ class Pipeline:
             raise UserError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(schedulers.NAMES)}")
         if steps < 1:
             raise UserError(f"steps must be at least 1, not {steps}")
-        trained, offset = (self.scheduler_config.get(key, default) for key, default in
-                           (("num_train_timesteps", 1000), ("steps_offset", 0)))
-        if isinstance(trained, int) and isinstance(offset, int) and steps > trained - offset:
-            raise UserError(f"steps must be at most {trained - offset} (the model's {trained} training timesteps"
-                            f"{f' less its steps_offset {offset}' if offset else ''}), not {steps}")
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, not {batch_size}")
         for side, value in (("width", width), ("height", height)):
@@ -226,14 +231,21 @@ class Pipeline:
         unet = 3 * 2 * batch_size * 8 * self.unet.config.block_out_channels[0] * latents * item
         return max(vae, unet)
 
-    def sampler(self, name: str):
-        """The sampler `name` on the checkpoint's training schedule; a schedule it cannot build is refused."""
+    def sampler(self, name: str, steps: int, inpainting: bool) -> object:
+        """The sampler `name` on the checkpoint's training schedule, as diffusers' pipelines configure it; a schedule
+        it cannot build, or more steps than the schedule has timesteps, is refused."""
         try:
-            return schedulers.make(name, self.scheduler_config)
+            config = schedulers.as_pipelines_see_it(name, self.scheduler_config, inpainting)
+            sampler = schedulers.make(name, config)
         except UserError:
             raise
         except (NotImplementedError, ValueError, TypeError, KeyError) as e:
             raise UserError(f"the model's scheduler config cannot be used: {str(e)[:160]}") from None
+        trained, offset = config.get("num_train_timesteps", 1000), config.get("steps_offset", 0)
+        if isinstance(trained, int) and isinstance(offset, int) and steps > trained - offset:
+            raise UserError(f"steps must be at most {trained - offset} (the model's {trained} training timesteps"
+                            f"{f' less its steps_offset {offset}' if offset else ''}), not {steps}")
+        return sampler
 
     @staticmethod
     def partial_timesteps(sampler, steps: int, strength: float) -> torch.Tensor:
@@ -288,6 +300,8 @@ class Pipeline:
                 if guided:
                     uncond, cond = out.chunk(2)
                     out = uncond + guidance_scale * (cond - uncond)
+                    if run.guidance_rescale > 0:
+                        out = rescale_guidance(out, cond, run.guidance_rescale)
                 x = run.sampler.step(out, t, x, run.generator)
                 if keep is not None:
                     known, noise, mask = keep
@@ -358,3 +372,11 @@ def available_memory() -> int | None:
     except (OSError, ValueError):
         pass
     return min(limits, default=None)
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", sec. 3.4: scale the guided
+    prediction to the per-image standard deviation of the conditional one (guidance inflates it, which over-exposes
+    zero-terminal-SNR models), and mix: phi * rescaled + (1 - phi) * guided."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided

@@ -233,7 +233,7 @@ def test_pickled_checkpoints_that_are_not_state_dicts(capsys, tmp_path, content,
     ({"tokenizer": None}, ["tokenizer is missing"]),
     ({"tokenizer/vocab.json": b"{\"a\": "}, ["tokenizer", "not a readable CLIP tokenizer"]),
     ({"tokenizer/merges.txt": None}, ["tokenizer", "not a readable CLIP tokenizer"]),
-    (with_key("scheduler/scheduler_config.json", "beta_schedule", "wobbly"), ["scheduler config", "wobbly"]),
+    (with_key("scheduler/scheduler_config.json", "beta_schedule", "wobbly"), ["beta_schedule", "wobbly"]),
 ])
 def test_malformed_diffusers_folders(capsys, tmp_path, change, words):
     folder = folder_copy(tmp_path, change)
