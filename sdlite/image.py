@@ -5,6 +5,7 @@ AUTOMATIC1111's "PNG Info" reads (key "parameters"):
     Negative prompt: blurry
     Steps: 30, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: v1-5-pruned-emaonly
 """
+import errno
 import os
 import secrets
 import stat
@@ -55,7 +56,7 @@ def save_png(image: Image.Image, path: str | Path, overwrite: bool = False) -> N
             os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)                  # refuses an existing name, atomically
+            link_exclusively(tmp, path)
     except FileExistsError:
         raise UserError(f"{path} exists (written meanwhile by another run?): choose another --out or pass "
                         "--overwrite") from None
@@ -63,6 +64,28 @@ def save_png(image: Image.Image, path: str | Path, overwrite: bool = False) -> N
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def link_exclusively(tmp: Path, path: Path) -> None:
+    """Give the written file `tmp` the name `path` unless that name exists (FileExistsError), atomically: a hard link.
+    Where the file system has none (FAT, some network shares), the bytes are copied into `path` created exclusively,
+    which is removed again if the copy fails."""
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    with open(path, "xb") as f:
+        try:
+            f.write(tmp.read_bytes())
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
 
 
 def check_writable(folder: Path) -> None:

@@ -65,6 +65,7 @@ def no_hub(monkeypatch):
     (["--guidance-scale", "-1"], ["guidance scale", "-1"]),
     (["--guidance-scale", "nan"], ["guidance scale", "nan"]),
     (["--guidance-scale", "inf"], ["guidance scale", "inf"]),
+    (["--guidance-rescale", "nan"], ["guidance rescale", "nan"]),
     (["--seed", "-1"], ["seed", "2**64 - 1"]),
     (["--seed", str(2**64)], ["seed", str(2**64)]),
     (["--steps", "0"], ["steps", "at least 1"]),
@@ -343,6 +344,21 @@ def test_of_two_writers_of_one_name_exactly_one_wins(tmp_path, tiny_image):
     assert len(winners) == 1 and all("exists" in r for r in results if isinstance(r, str))
     assert Image.open(target).text["parameters"] == f"writer {winners[0]}"
     assert [p.name for p in tmp_path.iterdir()] == ["race.png"]
+
+
+def test_without_hard_links_the_file_is_still_created_exclusively(tmp_path, tiny_image, monkeypatch):
+    """A file system without hard links (FAT, some network shares): the PNG is copied into a file created with
+    O_EXCL, so an existing one is still refused and a new one still complete."""
+    def no_links(source, target):
+        raise OSError(1, os.strerror(1))
+    monkeypatch.setattr(os, "link", no_links)
+    sdlite.save_png(tiny_image, tmp_path / "a.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(tiny_image))
+    before = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "other").write_bytes(b"another run's image")
+    with pytest.raises(FileExistsError):
+        sdlite.image.link_exclusively(tmp_path / "other", tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes() == before
 
 
 def test_a_full_disk_leaves_no_file(capsys, tmp_path, monkeypatch):
