@@ -121,7 +121,7 @@ def generate(args: argparse.Namespace) -> None:
     for flag in ("image", "mask"):
         path = getattr(args, flag, None)
         if path is not None and not path.is_file():
-            raise UserError(f"--{flag}: no such file: {path}")
+            raise UserError(f"--{flag}: {'not a regular file' if path.exists() else 'no such file'}: {path}")
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**32, ()).item())
     out = args.out or Path(f"{args.command}-{seed}.png")
     check_outputs(out, args.batch_size, args.overwrite)

@@ -114,8 +114,12 @@ def open_rgb(image: str | Path | Image.Image, what: str = "image") -> Image.Imag
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        levels = np.asarray(image, dtype=np.float64) / 257                       # 0 .. 65535 -> 0 .. 255
+    """16-bit greyscale ("I;16", or "I" with values above 255, as older Pillow opens 16-bit PNGs) is scaled to 8 bits
+    first; everything else is Pillow's own conversion."""
+    if image.mode.startswith("I"):
+        levels = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or levels.max(initial=0) > 255:
+            levels = levels / 257                                                 # 0 .. 65535 -> 0 .. 255
         image = Image.fromarray(levels.round().clip(0, 255).astype(np.uint8))
     return image.convert("RGB")
 

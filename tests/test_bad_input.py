@@ -376,6 +376,13 @@ def test_a_full_disk_leaves_no_file(capsys, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"] and out.read_bytes() == b"before"
 
 
+def test_input_image_that_is_a_pipe(capsys, tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    out = tmp_path / "a.png"
+    refused(capsys, ["img2img", "a castle", "--model", DEFAULT, "--image", tmp_path / "pipe.png", "--out", out],
+            "--image: not a regular file", out=out)
+
+
 def test_input_images_too_large_or_16_bit(capsys, tmp_path, monkeypatch):
     grey16 = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16           # 0 .. 65520
     Image.fromarray(grey16).save(tmp_path / "deep.png")
@@ -384,6 +391,9 @@ def test_input_images_too_large_or_16_bit(capsys, tmp_path, monkeypatch):
     # 16-bit levels to 8-bit ones: v / 257 rounded (65535 -> 255), the same in the three channels
     assert np.array_equal(rgb[..., 0], np.round(grey16 / 257).astype(np.uint8))
     assert np.array_equal(rgb[..., 0], rgb[..., 2])
+    eight_bit_values = np.arange(64 * 64, dtype=np.int32).reshape(64, 64) % 256     # 32-bit "I" holding 0 .. 255
+    assert np.array_equal(np.asarray(sdlite.image.to_rgb(Image.fromarray(eight_bit_values)))[..., 1],
+                          eight_bit_values)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)                          # 64 x 64 > 2 x 100 pixels
     out = tmp_path / "a.png"
     refused(capsys, ["img2img", "a castle", "--model", DEFAULT, "--image", tmp_path / "deep.png", "--out", out],
