@@ -10,6 +10,7 @@ import os
 import secrets
 import stat
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -103,11 +104,13 @@ def open_rgb(image: str | Path | Image.Image, what: str = "image") -> Image.Imag
     if isinstance(image, Image.Image):
         return to_rgb(image)
     try:
-        with Image.open(image) as im:
-            return to_rgb(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)   # over the limit: refused, not warned
+            with Image.open(image) as im:
+                return to_rgb(im)
     except FileNotFoundError:
         raise UserError(f"{what} not found: {image}") from None
-    except Image.DecompressionBombError as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UserError(f"{image}: too many pixels to open safely ({e})") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise UserError(f"{image}: not an image file ({e})") from None

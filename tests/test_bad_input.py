@@ -394,10 +394,11 @@ def test_input_images_too_large_or_16_bit(capsys, tmp_path, monkeypatch):
     eight_bit_values = np.arange(64 * 64, dtype=np.int32).reshape(64, 64) % 256     # 32-bit "I" holding 0 .. 255
     assert np.array_equal(np.asarray(sdlite.image.to_rgb(Image.fromarray(eight_bit_values)))[..., 1],
                           eight_bit_values)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)                          # 64 x 64 > 2 x 100 pixels
     out = tmp_path / "a.png"
-    refused(capsys, ["img2img", "a castle", "--model", DEFAULT, "--image", tmp_path / "deep.png", "--out", out],
-            "deep.png", "too many pixels", out=out)
+    for limit in (100, 3000):   # 64 x 64 is over twice the limit (Pillow's error), or over it (Pillow's warning)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        refused(capsys, ["img2img", "a castle", "--model", DEFAULT, "--image", tmp_path / "deep.png", "--out", out],
+                "deep.png", "too many pixels", out=out)
 
 
 def test_misaligned_safetensors_are_read_as_the_library_reads_them(tmp_path):
