@@ -548,6 +548,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--size must be a positive multiple of {side}, not {args.size}")
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out: {args.out} is a file: name a folder (new, or a run's to resume it)")
+    if args.model and args.out.exists() and Path(args.model).expanduser().resolve() == args.out.resolve():
+        raise UserError(f"--out is the --model folder {args.model}: the weights being read would be overwritten; "
+                        "name another folder")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -451,6 +451,9 @@ def test_train_out_an_existing_file_or_an_impossible_folder(capsys, tmp_path):
     refused(capsys, ["train", "--data", "scenes", "--out", out], "is a file")
     assert out.read_bytes() == b"keep me"
     refused(capsys, ["train", "--data", "scenes", "--out", out / "run"], "cannot create", "Not a directory")
+    model = folder_copy(tmp_path)
+    refused(capsys, ["train", "--data", "scenes", "--model", model, "--out", model],
+            "--out is the --model folder")
 
 
 def test_train_caption_that_is_not_utf8(capsys, tmp_path):
