@@ -5,7 +5,6 @@ Most cases run the command line in-process (sdlite.__main__.main); a few go thro
 status, the absence of a traceback and Ctrl-C. The models are weights/default (64 x 64) and the tiny test checkpoints.
 """
 import json
-import math
 import os
 import random
 import shutil
