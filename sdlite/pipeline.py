@@ -229,8 +229,9 @@ class Pipeline:
                       prompt_syntax: str = "plain", clip_skip: int = 1) -> torch.Tensor:
         """(2B, 77*k, D): B copies of the negative prompt's context, then B of the prompt's; (B, 77*k, D) without
         guidance (prompts.py; k > 1 for long a1111 prompts)."""
-        context = encode_prompts(self.tokenizer, self.text_encoder, prompt, (negative_prompt or "") if guidance_scale > 1
-                                 else None, batch_size, prompt_syntax, clip_skip)
+        negative = (negative_prompt or "") if guidance_scale > 1 else None
+        context = encode_prompts(self.tokenizer, self.text_encoder, prompt, negative, batch_size, prompt_syntax,
+                                 clip_skip)
         release(self.text_encoder)  # after both prompts: streaming would read its pages back for the second one
         return context
 
