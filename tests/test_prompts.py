@@ -324,3 +324,18 @@ def test_every_flag_has_help_and_shows_its_default():
             shown = formatter._get_help_string(action)
             if action.option_strings and action.default not in (None, False):
                 assert "default" in shown, f"{name} {action.option_strings[0]} does not show its default"
+
+
+def test_progress_writes_one_line_per_update_in_a_log_and_nothing_when_quiet():
+    import io
+    from sdlite.progress import Progress
+    log = io.StringIO()                      # not a terminal
+    progress = Progress("unet", stream=log)
+    progress(1, 4)
+    progress(4, 4, "loss 0.1234")
+    first, last = log.getvalue().splitlines()
+    assert first.startswith("unet [#####               ] 1/4 steps, ")
+    assert last.startswith("unet [####################] 4/4 steps, ") and last.endswith("0:00 left  loss 0.1234")
+    quiet = io.StringIO()
+    Progress(stream=quiet, quiet=True)(1, 4)
+    assert quiet.getvalue() == ""
