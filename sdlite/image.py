@@ -76,6 +76,7 @@ def model_hash(path: Path | None) -> str | None:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
+        cache = {name: e for name, e in cache.items() if Path(name).exists()}   # files deleted since are forgotten
         entry = cache[str(path)] = {"size": stat.st_size, "mtime": stat.st_mtime_ns, "sha256": digest.hexdigest()}
         try:  # the cache is a convenience: a read-only home only costs the hashing next time
             cache_file.parent.mkdir(parents=True, exist_ok=True)

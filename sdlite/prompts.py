@@ -139,7 +139,7 @@ def chunk_a1111(tokenizer: Tokenizer, pieces: list[tuple[str, float]]) -> Chunks
 def emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """A1111's emphasis "Original": z (1, 77, D) * weights (1, 77) per token, rescaled to z's own mean."""
     mean = z.mean()
-    z = z * weights[..., None]
+    z = z * weights[..., None].to(z.dtype)
     return z * (mean / z.mean())
 
 
@@ -147,11 +147,13 @@ def emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 COMPEL_STRUCTURE = re.compile(r"""\s*\((?P<args>.*)\)\s*\.(?P<op>blend|and)\((?P<weights>[^()]*)\)\s*""", re.S)
 COMPEL_QUOTED = re.compile(r'"((?:\\.|[^"\\])*)"')
-COMPEL_TOKENS = re.compile(r"""
+COMPEL_SYNTAX = r'()",.+\-='   # compel's syntactic characters: not part of a word unless escaped with a backslash
+COMPEL_TOKENS = re.compile(rf"""
     (?P<open>\()
   | \)(?P<group_weight>\++|-+|[0-9]*\.?[0-9]+)?
   | "(?P<quoted>(?:\\.|[^"\\])*)"(?P<quoted_weight>\++|-+|[0-9]*\.?[0-9]+)?
-  | (?P<word>[^\s()"]+?)(?P<word_weight>\++|-+)?(?=[\s()"]|$)
+  | (?P<word>(?:\\[{COMPEL_SYNTAX}]|[+-](?![\s{COMPEL_SYNTAX}]|$)|[^\s{COMPEL_SYNTAX}])+)(?P<word_weight>\++|-+)?
+  | (?P<other>[{COMPEL_SYNTAX}])   # punctuation, a stray sign: text of weight 1
   | \s+
 """, re.VERBOSE)
 
@@ -188,14 +190,18 @@ def parse_compel(prompt: str) -> CompelPrompt:
 
 def compel_fragments(prompt: str) -> list[tuple[str, float]]:
     """Words, quoted strings and parenthesised groups with their weight suffixes -> (text, weight) fragments; words of
-    one weight in a row are one fragment (joined by spaces, as compel does)."""
+    one weight in a row are one fragment, as compel makes them. Commas, periods and compel's other syntax characters
+    end a word; escaped with a backslash they are part of it; brackets that do not pair up are text."""
     words: list[tuple[str, float]] = []
     group_starts: list[int] = []
     for m in COMPEL_TOKENS.finditer(prompt):
         if m["open"]:
             group_starts.append(len(words))
         elif m.group(0).startswith(")"):
-            start = group_starts.pop() if group_starts else 0
+            if not group_starts:      # a closing bracket without its opener is text, as in compel
+                words.append((m.group(0), 1.0))
+                continue
+            start = group_starts.pop()
             factor = signs(m["group_weight"]) if m["group_weight"] else 1.0
             words[start:] = [(w, weight * factor) for w, weight in words[start:]]
         elif m["quoted"] is not None:
@@ -203,10 +209,16 @@ def compel_fragments(prompt: str) -> list[tuple[str, float]]:
             words += [(w, factor) for w in m["quoted"].split()]
         elif m["word"]:
             words.append((m["word"], signs(m["word_weight"]) if m["word_weight"] else 1.0))
+        elif m["other"]:
+            words.append((m["other"], 1.0))
+    for start in reversed(group_starts):   # an opening bracket never closed is text too
+        words.insert(start, ("(", 1.0))
     fragments: list[tuple[str, float]] = []
     for word, weight in words:
         if fragments and fragments[-1][1] == weight:
-            fragments[-1] = (fragments[-1][0] + " " + word, weight)
+            text = fragments[-1][0]
+            space = "" if word[0] in ",.)" or text.endswith("(") else " "   # as the prompt spells it (the tokens
+            fragments[-1] = (text + space + word, weight)                     # are the same either way)
         else:
             fragments.append((word, weight))
     return fragments

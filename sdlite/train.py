@@ -332,8 +332,12 @@ def train_text_to_image(pipe: Pipeline, images: torch.Tensor, captions: list[str
     def sample(ema: TextToImage) -> Image.Image:  # each prompt in a column, two seeds
         sampling = Pipeline(pipe.tokenizer, ema.text_encoder, ema.unet, pipe.vae, pipe.scheduler_config,
                             pipe.family, pipe.default_size, pipe.name)
-        return grid([image for seed in (0, 1) for prompt in prompts
-                     for image in sampling.txt2img(prompt, steps=20, seed=seed)], columns=len(prompts))
+        runs, images = [(seed, prompt) for seed in (0, 1) for prompt in prompts], []
+        progress = Progress("samples", "image")
+        for seed, prompt in runs:
+            images += sampling.txt2img(prompt, steps=20, seed=seed)
+            progress(len(images), len(runs))
+        return grid(images, columns=len(prompts))
 
     loss = text_to_image_loss((mean * scale, std * scale), ids, empty_ids, alpha_bar, prediction_type,
                               config.batch_size)

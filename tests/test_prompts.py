@@ -141,6 +141,11 @@ def test_emphasis_keeps_the_mean_and_scales_rows():
     ("a (nested (words)1.2)0.5 end", [("a", 1.0), ("nested", 0.5), ("words", 0.6), ("end", 1.0)]),
     ("a ball+ dog-", [("a", 1.0), ("ball", 1.1), ("dog", 0.9)]),
     ("masterpiece, best quality, city", [("masterpiece, best quality, city", 1.0)]),
+    ("a, b+, c", [("a,", 1.0), ("b", 1.1), (", c", 1.0)]),           # punctuation ends a word
+    ("well-known cat+", [("well-known", 1.0), ("cat", 1.1)]),
+    ("cat+-", [("cat", 1.1), ("-", 1.0)]),
+    ("a) b+", [("a)", 1.0), ("b", 1.1)]),                              # a stray bracket is text
+    ("(a b", [("(a b", 1.0)]),
 ])
 def test_compel_fragments(prompt, expected):
     got = compel_fragments(prompt)
@@ -309,6 +314,16 @@ def test_cli_show_tokens_quiet_and_version(tmp_path, checkpoints):
     assert "Clip skip: 2" in Image.open(out).text["parameters"]
     version = subprocess.run([sys.executable, "-m", "sdlite", "--version"], capture_output=True, text=True)
     assert version.stdout.startswith("sdlite 0.")
+
+
+def test_sdlite_console_script_runs_the_cli():
+    import configparser
+    from sdlite.__main__ import main
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).parent.parent / "setup.cfg")
+    name, target = (part.strip() for part in setup["options.entry_points"]["console_scripts"].split("="))
+    module, function = target.split(":")
+    assert name == "sdlite" and getattr(__import__(module, fromlist=[function]), function) is main
 
 
 def test_every_flag_has_help_and_shows_its_default():
