@@ -60,11 +60,15 @@ def cache_folder() -> Path:
 def model_hash(path: Path | None) -> str | None:
     """A1111's "Model hash": the first 10 hex digits of the file's SHA-256. Hashing a 4 GB file takes seconds, so the
     full hash is kept in ~/.cache/sdlite/model-hashes.json under the file's path, beside its size and mtime, and
-    computed again only when either changes. None for no file."""
+    computed again only when either changes. None for no file, or one that can no longer be read (moved since it was
+    loaded): the PNG then goes without the hash rather than the images being lost."""
     if path is None:
         return None
     path = Path(path).resolve()
-    stat = path.stat()
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
     cache_file = cache_folder() / HASH_CACHE
     try:
         cache = json.loads(cache_file.read_text())
@@ -73,9 +77,12 @@ def model_hash(path: Path | None) -> str | None:
     entry = cache.get(str(path))
     if entry is None or entry["size"] != stat.st_size or entry["mtime"] != stat.st_mtime_ns:
         digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError:
+            return None
         cache = {name: e for name, e in cache.items() if Path(name).exists()}   # files deleted since are forgotten
         entry = cache[str(path)] = {"size": stat.st_size, "mtime": stat.st_mtime_ns, "sha256": digest.hexdigest()}
         try:  # the cache is a convenience: a read-only home only costs the hashing next time

@@ -124,3 +124,5 @@ def test_model_hash_is_cached_by_size_and_mtime(tmp_path):
     weights.write_bytes(b"other weights" * 1000)   # changed: hashed again
     assert model_hash(weights) == hashlib.sha256(weights.read_bytes()).hexdigest()[:10]
     assert model_hash(None) is None
+    weights.unlink()                              # gone since it was loaded: no hash, no error
+    assert model_hash(weights) is None

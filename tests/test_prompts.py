@@ -337,7 +337,7 @@ def test_every_flag_has_help_and_shows_its_default():
                 continue
             assert action.help, f"{name} {action.dest} has no help"
             shown = formatter._get_help_string(action)
-            if action.option_strings and action.default not in (None, False):
+            if action.option_strings and action.default is not None and action.default is not False:  # 0 shows
                 assert "default" in shown, f"{name} {action.option_strings[0]} does not show its default"
 
 
