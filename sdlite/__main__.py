@@ -117,9 +117,13 @@ def generate(args: argparse.Namespace) -> None:
     outputs = output_paths(args.out or Path(f"{args.command}-{seed}.png"), args.batch_size, args.overwrite)
     pipe = load(model, dtype=DTYPES[args.dtype], device=args.device, prediction_type=args.prediction_type)
     pipe.vae.tiling = args.vae_tiling
-    if args.show_tokens:
-        for name, text in (("prompt", args.prompt), ("negative prompt", args.negative_prompt)):
+    for name, text in (("prompt", args.prompt), ("negative prompt", args.negative_prompt)):
+        if args.show_tokens:
             print(f"{name}: {prompts.describe(pipe.tokenizer, text, args.prompt_syntax)}")
+        dropped = prompts.windows(pipe.tokenizer, text, args.prompt_syntax)[2]
+        if dropped and not args.quiet:
+            print(f"warning: the {name}'s last {dropped} tokens are past the 75 that --prompt-syntax "
+                  f"{args.prompt_syntax} keeps (--prompt-syntax a1111 encodes them all)", file=sys.stderr)
     settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
                     seed=seed, scheduler=args.scheduler, batch_size=args.batch_size,
                     progress=Progress(args.command, quiet=args.quiet), prompt_syntax=args.prompt_syntax,

@@ -326,18 +326,23 @@ def encode_prompts(tokenizer: Tokenizer, text_encoder: CLIPTextModel, prompt: st
     return torch.cat([c.repeat(batch_size, 1, 1) for c in contexts])
 
 
-def describe(tokenizer: Tokenizer, prompt: str, syntax: str) -> str:
-    """What --show-tokens prints: the prompt's token count and how it is cut into 77-token windows."""
+def windows(tokenizer: Tokenizer, prompt: str, syntax: str) -> tuple[torch.Tensor, int, int]:
+    """The 77-token windows a prompt is encoded in (k, 77), its token count (A1111's count for a1111) and how many of
+    its tokens are cut off (plain and compel keep 75 per prompt; compel's .blend and .and prompts each have theirs)."""
     if syntax == "a1111":
         chunks = chunk_a1111(tokenizer, parse_a1111(prompt))
-        ids, count = chunks.ids, chunks.token_count
-    else:
-        texts = [text for fragments in parse_compel(prompt).prompts for text, _ in fragments] \
-            if syntax == "compel" else [prompt]
-        count = sum(len(t) for t in tokenizer.tokens(texts))
-        ids = tokenizer([" ".join(texts)])
+        return chunks.ids, chunks.token_count, 0
+    parts = [[text for text, _ in fragments] for fragments in parse_compel(prompt).prompts] \
+        if syntax == "compel" else [[prompt]]
+    counts = [sum(len(t) for t in tokenizer.tokens(texts)) for texts in parts]
+    return tokenizer([" ".join(texts) for texts in parts]), sum(counts), sum(max(0, n - CHUNK) for n in counts)
+
+
+def describe(tokenizer: Tokenizer, prompt: str, syntax: str) -> str:
+    """What --show-tokens prints: the prompt's token count and how it is cut into 77-token windows."""
+    ids, count, dropped = windows(tokenizer, prompt, syntax)
     lines = [f"{count} tokens, {len(ids)} chunk{'s' * (len(ids) > 1)} of 75 ({syntax} syntax)"
-             + ("; tokens after the 75th are dropped" if syntax != "a1111" and count > CHUNK else "")]
+             + (f"; {dropped} tokens past the 75th are dropped" if dropped else "")]
     for i, row in enumerate(ids):
         inner = [t for t in row.tolist()[1:] if t not in (tokenizer.eos_id, tokenizer.pad_id)]
         words = " ".join(tokenizer.backend.id_to_token(t).removesuffix("</w>") for t in inner)  # one per token

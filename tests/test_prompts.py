@@ -299,7 +299,17 @@ def test_show_tokens(tokenizer):
     text = describe(tokenizer, "a cat BREAK a (dog:1.2)", "a1111")
     assert text.splitlines() == ["77 tokens, 2 chunks of 75 (a1111 syntax)",
                                  "  chunk 1: 2 tokens: a cat", "  chunk 2: 2 tokens: a dog"]
-    assert "dropped" in describe(tokenizer, "a " * 80, "plain")
+    assert describe(tokenizer, "a " * 80, "plain").startswith("80 tokens, 1 chunk of 75 (plain syntax); 5 tokens")
+    both = '("' + "a " * 50 + '", "' + "b " * 50 + '").and()'   # two prompts of 50 tokens, a window each
+    assert describe(tokenizer, both, "compel").startswith("100 tokens, 2 chunks of 75 (compel syntax)\n")
+
+
+def test_cli_warns_when_tokens_are_dropped(tmp_path, checkpoints, capsys):
+    from sdlite.__main__ import main
+    assert main(["txt2img", "a " * 80, "--prompt-syntax", "plain", "--model", str(checkpoints / "sd1"), "--steps",
+                 "1", "--width", "32", "--height", "32", "--out", str(tmp_path / "a.png")]) == 0
+    assert "warning: the prompt's last 5 tokens are past the 75 that --prompt-syntax plain keeps" in \
+        capsys.readouterr().err
 
 
 def test_cli_show_tokens_quiet_and_version(tmp_path, checkpoints):
