@@ -202,13 +202,14 @@ TOL = dict(rtol=2e-5, atol=2e-5)
 @pytest.mark.parametrize("kind, syntax, family, skip, prompts", [
     ("compel", "compel", "sd1", 1, "compel_prompts"),
     ("compel_skip2", "compel", "sd1", 2, "compel_prompts"),
+    ("compel_sd2", "compel", "sd2", 1, "compel_prompts"),
     ("a1111", "a1111", "sd1", 1, "a1111_prompts"),
     ("a1111_sd2", "a1111", "sd2", 1, "a1111_prompts"),
     ("a1111_skip2", "a1111", "sd1", 2, "a1111_prompts"),
 ])
 def test_contexts_match_the_references(reference, encoder_model, tokenizers, kind, syntax, family, skip, prompts):
     tensors, meta = reference
-    offset = {"compel_skip2": 2, "a1111_sd2": 1, "a1111_skip2": 1}.get(kind, 0)   # make_prompts.py's sub-lists
+    offset = {"compel_skip2": 2, "compel_sd2": 2, "a1111_sd2": 1, "a1111_skip2": 1}.get(kind, 0)   # make_prompts.py's sub-lists
     encode = PromptEncoder(tokenizers[family], encoder_model, syntax, skip)
     cases = sorted((int(k.split("/")[1]), v) for k, v in tensors.items() if k.startswith(kind + "/"))
     assert cases
