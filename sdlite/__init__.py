@@ -10,4 +10,5 @@ from .errors import UserError
 from .image import save_png
 from .pipeline import Pipeline
 
+__version__ = "0.1.0"
 __all__ = ["load", "Pipeline", "UserError", "save_png"]

@@ -41,6 +41,8 @@ def load(model: str | Path, dtype: torch.dtype = torch.float32, device: str | to
         raise UserError(f"unknown prediction type {prediction_type!r}: use 'epsilon' or 'v_prediction'")
     path = resolve(model)
     pipe = load_folder(path, dtype) if path.is_dir() else load_single_file(path, dtype)
+    # the file A1111's "Model hash" is of; a folder's UNet weights stand for the folder
+    pipe.model_file = weights_file(path / "unet", "diffusion_pytorch_model") if path.is_dir() else path
     if prediction_type is not None:
         pipe.scheduler_config["prediction_type"] = prediction_type
     return pipe.to(device=device, dtype=dtype)

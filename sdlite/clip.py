@@ -56,10 +56,11 @@ class CLIPEncoderLayer(nn.Module):
         self.mlp = nn.ModuleDict({"fc1": nn.Linear(d, config.intermediate_size),
                                   "fc2": nn.Linear(config.intermediate_size, d)})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: (B, L, L) bool, the causal mask with some keys hidden (CLIPTextModel.forward), or None."""
         a, m = self.self_attn, self.mlp
         h = self.layer_norm1(x)
-        x = x + a.out_proj(attention(a.q_proj(h), a.k_proj(h), a.v_proj(h), self.heads, causal=True))
+        x = x + a.out_proj(attention(a.q_proj(h), a.k_proj(h), a.v_proj(h), self.heads, causal=True, mask=mask))
         return x + m.fc2(self.act(m.fc1(self.layer_norm2(x))))
 
 
@@ -82,11 +83,17 @@ class CLIPTextModel(nn.Module):
             "final_layer_norm": nn.LayerNorm(d, eps=config.layer_norm_eps),
         })
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, clip_skip: int = 1) -> torch.Tensor:
+        """mask: (B, L), 0 where a token is hidden from every other token's attention (as transformers'
+        attention_mask), or None. clip_skip: 1 is the last layer's output; N > 1 stops N - 1 layers earlier (A1111's
+        "Clip skip"); the final LayerNorm is applied either way."""
         t = self.text_model
         x = t.embeddings.token_embedding(ids) + t.embeddings.position_embedding.weight[:ids.shape[1]]
-        for layer in t.encoder.layers:
-            x = layer(x)
+        if mask is not None:  # keys a query may see: those before it (causal) and not hidden
+            causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril()
+            mask = causal & mask.bool()[:, None, :]
+        for layer in t.encoder.layers[:len(t.encoder.layers) - (clip_skip - 1)]:
+            x = layer(x, mask)
         return t.final_layer_norm(x)
 
 

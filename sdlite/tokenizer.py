@@ -117,3 +117,7 @@ class Tokenizer:
             tokens = [self.bos_id, *encoding.ids[:self.max_length - 2], self.eos_id]
             row[:len(tokens)] = torch.tensor(tokens)
         return ids
+
+    def tokens(self, texts: list[str]) -> list[list[int]]:
+        """Each text's BPE token ids, without start, end or padding tokens and not cut to any length."""
+        return [encoding.ids for encoding in self.backend.encode_batch(list(texts), add_special_tokens=False)]

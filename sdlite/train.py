@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,6 +42,7 @@ from .clip import CLIPTextConfig, CLIPTextModel
 from .errors import UserError
 from .image import open_rgb
 from .pipeline import Pipeline
+from .progress import Progress
 from .schedulers.schedule import TrainingSchedule, alphas_cumprod
 from .tokenizer import Tokenizer
 from .unet import UNet, UNetConfig
@@ -171,16 +171,14 @@ class Trainer:
         log = self.out / f"{self.name}-loss.csv"
         if not log.exists():
             log.write_text("step,loss,lr\n")
-        start, first, losses = time.perf_counter(), self.step, []
+        progress, losses = Progress(self.name, start=self.step), []
         while self.step < until:
             losses.append(self.train_step())
             if self.step % cfg.log_every == 0 or self.step == until:
                 lr = self.lr_schedule.get_last_lr()[0]
                 with log.open("a") as f:
                     f.write(f"{self.step},{np.mean(losses):.5f},{lr:.3g}\n")
-                rate = (self.step - first) / (time.perf_counter() - start)
-                print(f"{self.name} step {self.step}/{until}  loss {np.mean(losses):.4f}  lr {lr:.2g}  "
-                      f"{rate:.2f} steps/s, {(until - self.step) / rate / 60:.1f} min left", flush=True)
+                progress(self.step, until, f"loss {np.mean(losses):.4f}  lr {lr:.2g}")
                 losses = []
             if self.step % cfg.save_every == 0 or self.step == until:
                 self.save()
@@ -334,8 +332,12 @@ def train_text_to_image(pipe: Pipeline, images: torch.Tensor, captions: list[str
     def sample(ema: TextToImage) -> Image.Image:  # each prompt in a column, two seeds
         sampling = Pipeline(pipe.tokenizer, ema.text_encoder, ema.unet, pipe.vae, pipe.scheduler_config,
                             pipe.family, pipe.default_size, pipe.name)
-        return grid([image for seed in (0, 1) for prompt in prompts
-                     for image in sampling.txt2img(prompt, steps=20, seed=seed)], columns=len(prompts))
+        runs, images = [(seed, prompt) for seed in (0, 1) for prompt in prompts], []
+        progress = Progress("samples", "image")
+        for seed, prompt in runs:
+            images += sampling.txt2img(prompt, steps=20, seed=seed)
+            progress(len(images), len(runs))
+        return grid(images, columns=len(prompts))
 
     loss = text_to_image_loss((mean * scale, std * scale), ids, empty_ids, alpha_bar, prediction_type,
                               config.batch_size)
@@ -475,11 +477,11 @@ def write_json(path: Path, data: dict) -> None:
 
 # --- the command line ---
 
-def add_command(subparsers) -> None:
-    """The `train` subcommand of python -m sdlite."""
+def add_command(subparsers, formatter_class=argparse.RawDescriptionHelpFormatter) -> None:
+    """The `train` subcommand of python -m sdlite (its --help laid out by formatter_class)."""
     p = subparsers.add_parser("train", help="train a model from scratch, or fine-tune a checkpoint's UNet",
                               description=__doc__.split("\n\n")[1],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=formatter_class)
     p.add_argument("--data", required=True, help="a folder of images with a NAME.txt caption beside each, or "
                                                  "'scenes': sdlite's generated shapes with their captions")
     p.add_argument("--out", required=True, type=Path, help="output folder: the model (diffusers layout), "
@@ -493,13 +495,13 @@ def add_command(subparsers) -> None:
     p.add_argument("--steps", type=int, default=3500, help="UNet training steps")
     p.add_argument("--vae-steps", type=int, default=2000, help="VAE training steps (new latent models)")
     p.add_argument("--batch-size", type=int, default=32, help="UNet batch size")
-    p.add_argument("--vae-batch-size", type=int, default=16)
-    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--vae-batch-size", type=int, default=16, help="VAE batch size")
+    p.add_argument("--vae-lr", type=float, default=2e-3, help="the VAE's peak learning rate")
     p.add_argument("--kl-weight", type=float, default=1e-6, help="weight of the VAE's KL term")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (fine-tuning: use ~1e-5)")
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--warmup-steps", type=int, default=100, help="steps of linear learning-rate warm-up")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the saved EMA weights")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipped to this")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="what the UNet predicts "
                    "(default: epsilon for a new model, the checkpoint's own when fine-tuning)")
     p.add_argument("--train-text-encoder", action="store_true", help="train the text encoder with the UNet "
@@ -508,7 +510,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--sample-every", type=int, default=500, help="steps between sample grids (0: none)")
     p.add_argument("--save-every", type=int, default=500, help="steps between resumable checkpoints")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and noise")
     p.set_defaults(run=run)
 
 
