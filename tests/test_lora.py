@@ -6,10 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import sdlite
+from sdlite.__main__ import main
 from sdlite.errors import UserError
 from sdlite.lora import find_lora, split_lora_tags
 from sdlite.weights import mapping
@@ -134,7 +136,8 @@ def test_lora_of_another_family_is_refused_whole(checkpoints):
 def test_mismatched_files_are_refused_by_name(checkpoints, tmp_path, content, words):
     path = tmp_path / "other.safetensors"
     # a good layer first, so that a half-applying loader would have changed it
-    good = {"unet.conv_out.lora_A.weight": torch.ones(2, 32, 3, 3), "unet.conv_out.lora_B.weight": torch.ones(4, 2, 1, 1)}
+    good = {"unet.conv_out.lora_A.weight": torch.ones(2, 32, 3, 3),
+            "unet.conv_out.lora_B.weight": torch.ones(4, 2, 1, 1)}
     save_file(good | content, path)
     refused(sdlite.load(checkpoints / "sd1"), path, *words)
 
@@ -158,3 +161,36 @@ def test_find_lora(tmp_path):
     assert find_lora(tmp_path, "ink") == tmp_path / "styles" / "ink.safetensors"
     with pytest.raises(UserError, match="no film.safetensors in"):
         find_lora(tmp_path, "film")
+
+
+def test_command_line_loads_embeddings_and_loras(checkpoints, tmp_path, capsys):
+    """--embedding, --lora PATH:WEIGHT and a <lora:NAME:WEIGHT> tag found in --lora-dir give the API's image."""
+    out = tmp_path / "a.png"
+    prompt = "a <cat-toy> in glass-style"
+    settings = ["--steps", "2", "--width", "32", "--height", "24", "--seed", "3", "--scheduler", "ddim"]
+    code = main(["txt2img", f"{prompt} <lora:sd1-peft:0.6>", "--model", str(checkpoints / "sd1"), *settings,
+                 "--embedding", str(ADDONS / "learned_embeds.safetensors"),
+                 "--embedding", str(ADDONS / "glass-style.pt"),
+                 "--lora", f"{ADDONS / 'sd1-kohya.safetensors'}:0.8", "--lora-dir", str(ADDONS), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    pipe = sdlite.load(checkpoints / "sd1")
+    pipe.load_embedding(ADDONS / "learned_embeds.safetensors")
+    pipe.load_embedding(ADDONS / "glass-style.pt")
+    pipe.load_lora(ADDONS / "sd1-kohya.safetensors", 0.8)
+    pipe.load_lora(ADDONS / "sd1-peft.safetensors", 0.6)
+    expected = pipe.txt2img(prompt + " ", steps=2, width=32, height=24, seed=3, scheduler="ddim")
+    with Image.open(out) as image:
+        assert_same_images([image.convert("RGB")], np.asarray(expected[0])[None])
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["a <lora:ink:0.5> castle"], ["--lora-dir"]),
+    (["a castle", "--lora", "missing.safetensors:0.5"], ["--lora: no such file: missing.safetensors"]),
+    (["a castle", "--embedding", "missing.pt"], ["--embedding: no such file: missing.pt"]),
+])
+def test_command_line_refuses_missing_files(checkpoints, tmp_path, capsys, argv, words):
+    out = tmp_path / "a.png"
+    code = main(["txt2img", *argv, "--model", str(checkpoints / "sd1"), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err and all(w in err for w in words), err
+    assert not out.exists()
