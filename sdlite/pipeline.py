@@ -74,7 +74,7 @@ class Pipeline:
         lora.merge({"unet": self.unet, "text_encoder": self.text_encoder}, Path(path), weight)
 
     def unload_loras(self) -> None:
-        """The weights as they were before the first load_lora, exactly."""
+        """The weights as they were before the first load_lora, exactly (the very tensors, on their device)."""
         lora.unmerge({"unet": self.unet, "text_encoder": self.text_encoder})
 
     @property

@@ -2,6 +2,7 @@
 against diffusers' load_lora_weights (peft) on the same files, from fixtures/make_addons.py: text-encoder and UNet
 outputs, and txt2img images. Then unmerging, the files sdlite refuses, and A1111's <lora:NAME:WEIGHT> tags."""
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -194,3 +195,21 @@ def test_command_line_refuses_missing_files(checkpoints, tmp_path, capsys, argv,
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err and all(w in err for w in words), err
     assert not out.exists()
+
+
+def test_pickled_lora_is_read_weights_only(checkpoints, tmp_path, capsys):
+    """A .pt LoRA gives the .safetensors one's weights; a pickle that would run code is refused."""
+    with safe_open(ADDONS / "sd1-peft.safetensors", "pt") as f:
+        torch.save({key: f.get_tensor(key) for key in f.keys()}, tmp_path / "peft.pt")
+    a, b = sdlite.load(checkpoints / "sd1"), sdlite.load(checkpoints / "sd1")
+    a.load_lora(ADDONS / "sd1-peft.safetensors")
+    b.load_lora(tmp_path / "peft.pt")
+    assert all(torch.equal(x, y) for x, y in zip(parameters(a).values(), parameters(b).values()))
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"unet.conv_in.lora_A.weight": RunsCode()}, protocol=2))
+    refused(b, tmp_path / "evil.pt", "not a readable LoRA file")
+    assert "never" not in capsys.readouterr().out
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("this must never be printed",))
