@@ -66,6 +66,8 @@ def read_lora(path: Path) -> dict[str, dict[str, torch.Tensor]]:
             sd = read_safetensors(path, torch.float32)
     except Exception as e:
         raise UserError(f"{path}: not a readable LoRA file ({str(e).splitlines()[0]})") from None
+    if not isinstance(sd, dict):
+        raise UserError(f"{path}: not a LoRA file (holds a {type(sd).__name__}, not a dict of tensors)")
     layers = {}
     for key, value in sd.items():
         suffix = next((s for s in KINDS if key.endswith(s)), None)
@@ -78,7 +80,8 @@ def read_lora(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return layers
 
 
-def update(down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+def update(down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None,
+           weight: torch.Tensor) -> torch.Tensor | None:
     """(alpha / r) * up @ down in the layer weight's shape, or None if the shapes do not fit it."""
     r = down.shape[0]
     kernel_fits = down.shape[1:] == weight.shape[1:] or (down.ndim == 2 and weight[0].numel() == down.shape[1])
@@ -133,6 +136,8 @@ def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     loras = []
     for m in LORA_TAG.finditer(prompt):
         name, *weights = m.group(1).split(":")
+        if not name.strip():
+            raise UserError(f"{m.group(0)}: no LoRA name: write <lora:NAME:WEIGHT>")
         if any("=" in w for w in weights) or len(set(weights)) > 1:
             raise UserError(f"{m.group(0)}: separate text-encoder and UNet weights are not supported: give one weight")
         try:

@@ -150,8 +150,8 @@ def test_split_lora_tags():
     assert split_lora_tags("<lyco:detail:-0.5>portrait") == ("portrait", [("detail", -0.5)])
     assert split_lora_tags("<lora:a b:1:1>, <hypernet:h:1>") == (", <hypernet:h:1>", [("a b", 1.0)])
     assert split_lora_tags("(castle:1.2), no tags") == ("(castle:1.2), no tags", [])
-    for bad in ("<lora:x:strong>", "<lora:x:1:0.5>", "<lora:x:te=1>"):
-        with pytest.raises(UserError, match="<lora:x"):
+    for bad in ("<lora:x:strong>", "<lora:x:1:0.5>", "<lora:x:te=1>", "<lora::1>"):
+        with pytest.raises(UserError, match="<lora:"):
             split_lora_tags(bad)
 
 
