@@ -11,7 +11,9 @@ numbers) and refuses anything else: a file cannot run code.
 The token is the A1111 file's stem (A1111 calls an embedding by its file name) or the diffusers file's stored key,
 unless the caller names one. Loading adds the token (and `tok_1` ... `tok_{n-1}` for n vectors, as diffusers names
 them) to the tokenizer, and the vectors as rows after the text encoder's embedding table; a prompt's `tok` stands for
-all n tokens. The table itself, a view of the mapped checkpoint, is not copied (TokenEmbedding).
+all n tokens. The tokens are matched as transformers' added tokens are, after lowercasing (EasyNegative and
+easynegative are one token), and `tok` is expanded on the ids: diffusers expands it by replacing the text, which misses
+a `tok` typed in another case. The table itself, a view of the mapped checkpoint, is not copied (TokenEmbedding).
 """
 from pathlib import Path
 

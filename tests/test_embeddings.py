@@ -50,6 +50,7 @@ def test_multi_vector_token_stands_for_all_its_vectors(checkpoints):
     ids = pipe.tokenizer("glass-style")[0]
     first = pipe.tokenizer.backend.token_to_id("glass-style")
     assert ids[1:5].tolist() == [first, first + 1, first + 2, pipe.tokenizer.eos_id]
+    assert torch.equal(pipe.tokenizer("Glass-Style")[0], ids)   # matched after lowercasing, as the prompt's words
     assert [pipe.tokenizer.backend.id_to_token(first + i) for i in (1, 2)] == ["glass-style_1", "glass-style_2"]
     stored = torch.load(ADDONS / "glass-style.pt", weights_only=True)["string_to_param"]["*"]
     with torch.no_grad():
