@@ -9,7 +9,9 @@ with `weight` the user's strength (A1111's multiplier) and alpha / r the file's 
                    (lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q). LoCon adds convolutions:
                    down (r, in, kh, kw) is a convolution with the layer's kernel, up (out, r, 1, 1) a 1x1 one, so
                    up @ down (flattened) is an (out, in, kh, kw) kernel. No alpha: alpha = r.
-  diffusers / PEFT unet.<layer>.lora_A.weight (down), .lora_B.weight (up), text_encoder.<layer>.*; no alpha: scale 1.
+  diffusers / PEFT unet.<layer>.lora_A.weight (down), .lora_B.weight (up), text_encoder.<layer>.*. The scale is
+                   lora_alpha / r of each model's LoraConfig when diffusers stored it in the file's metadata
+                   (`peft_scales`), else 1.
 sdlite's module names are diffusers' (unet.py, clip.py), so a file's names are found by walking the model's own
 Linear and Conv2d layers (`layer_names`), not from a table.
 
@@ -19,11 +21,13 @@ merged weight is a new tensor of that layer alone, the original stays referenced
 layer back at it, exact with no arithmetic to undo. Every key of a file is checked (a layer of this model, shapes
 that fit) before any weight changes: a LoRA for another model is refused whole, never half-applied.
 """
+import json
 import re
 import weakref
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from .errors import UserError
@@ -80,14 +84,31 @@ def read_lora(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return layers
 
 
-def update(down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None,
-           weight: torch.Tensor) -> torch.Tensor | None:
-    """(alpha / r) * up @ down in the layer weight's shape, or None if the shapes do not fit it."""
+def peft_scales(path: Path) -> dict[str, float]:
+    """The scale of the unet's and the text_encoder's layers in a diffusers-saved PEFT file, from the LoraConfig it
+    stores in the safetensors metadata (lora_adapter_metadata: {"unet.r": 4, "unet.lora_alpha": 8, ...}): PEFT
+    scales by lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (Kalajdzievski 2023)."""
+    if path.suffix != ".safetensors":
+        return {}
+    with safe_open(path, "pt") as f:
+        config = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    scales = {}
+    for model in ("unet", "text_encoder"):
+        if f"{model}.lora_alpha" not in config:
+            continue
+        if config.get(f"{model}.rank_pattern") or config.get(f"{model}.alpha_pattern"):
+            raise UserError(f"{path}: per-layer ranks or alphas (PEFT's rank_pattern, alpha_pattern) are not supported")
+        r = config[f"{model}.r"]
+        scales[model] = config[f"{model}.lora_alpha"] / (r ** 0.5 if config.get(f"{model}.use_rslora") else r)
+    return scales
+
+
+def update(down: torch.Tensor, up: torch.Tensor, scale: float, weight: torch.Tensor) -> torch.Tensor | None:
+    """scale * up @ down in the layer weight's shape, or None if the shapes do not fit it."""
     r = down.shape[0]
     kernel_fits = down.shape[1:] == weight.shape[1:] or (down.ndim == 2 and weight[0].numel() == down.shape[1])
     if up.shape[0] != weight.shape[0] or up[0].numel() != r or not kernel_fits:
         return None
-    scale = 1.0 if alpha is None else alpha.item() / r
     return (scale * up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
 
 
@@ -100,12 +121,14 @@ def updates(models: dict[str, nn.Module], path: Path) -> list[tuple[nn.Module, t
         hint = " (an SDXL LoRA?)" if sdxl else ""
         raise UserError(f"{path}: {len(unknown)} of its {len(layers)} layers are not in this model, e.g. {unknown[0]}"
                         f"{hint}: the LoRA was made for another model")
-    out = []
+    out, peft = [], peft_scales(path)
     for name, parts in layers.items():
         if "down" not in parts or "up" not in parts:
             raise UserError(f"{path}: layer {name} lacks its {'down' if 'down' not in parts else 'up'} weight")
         layer = known[name]
-        delta = update(parts["down"], parts["up"], parts.get("alpha"), layer.weight)
+        # kohya: alpha / r (no alpha: 1); PEFT: by the model's name before the first "." (unet, text_encoder)
+        scale = parts["alpha"].item() / len(parts["down"]) if "alpha" in parts else peft.get(name.split(".")[0], 1.0)
+        delta = update(parts["down"], parts["up"], scale, layer.weight)
         if delta is None:
             raise UserError(f"{path}: layer {name} has shapes {tuple(parts['up'].shape)} @ {tuple(parts['down'].shape)}"
                             f" but this model's weight is {tuple(layer.weight.shape)}: the LoRA was made for another "

@@ -108,6 +108,23 @@ def test_weights_add_up_and_layers_merge_to_the_update(checkpoints):
     assert conv.weight is original
 
 
+def test_peft_names_of_older_transformers_and_layer_patterns(checkpoints, tmp_path):
+    """text_encoder.text_model.* (transformers < 5) names the same layers as text_encoder.*; PEFT's per-layer
+    rank_pattern / alpha_pattern, which sdlite does not read, are refused rather than applied with the wrong scale."""
+    with safe_open(ADDONS / "sd1-peft.safetensors", "pt") as f:
+        tensors, metadata = {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
+    old = {key.replace("text_encoder.", "text_encoder.text_model."): value for key, value in tensors.items()}
+    assert old != tensors
+    save_file(old, tmp_path / "old.safetensors", metadata=metadata)
+    a, b = sdlite.load(checkpoints / "sd1"), sdlite.load(checkpoints / "sd1")
+    a.load_lora(ADDONS / "sd1-peft.safetensors")
+    b.load_lora(tmp_path / "old.safetensors")
+    assert all(torch.equal(x, y) for x, y in zip(parameters(a).values(), parameters(b).values()))
+    config = json.loads(metadata["lora_adapter_metadata"]) | {"unet.alpha_pattern": {"to_q": 8}}
+    save_file(tensors, tmp_path / "pattern.safetensors", metadata={"lora_adapter_metadata": json.dumps(config)})
+    refused(b, tmp_path / "pattern.safetensors", "alpha_pattern")
+
+
 def refused(pipe, path, *words):
     before = parameters(pipe)
     with pytest.raises(UserError) as e:
@@ -199,11 +216,11 @@ def test_command_line_refuses_missing_files(checkpoints, tmp_path, capsys, argv,
 
 def test_pickled_lora_is_read_weights_only(checkpoints, tmp_path, capsys):
     """A .pt LoRA gives the .safetensors one's weights; a pickle that would run code is refused."""
-    with safe_open(ADDONS / "sd1-peft.safetensors", "pt") as f:
-        torch.save({key: f.get_tensor(key) for key in f.keys()}, tmp_path / "peft.pt")
+    with safe_open(ADDONS / "sd1-kohya.safetensors", "pt") as f:
+        torch.save({key: f.get_tensor(key) for key in f.keys()}, tmp_path / "kohya.pt")
     a, b = sdlite.load(checkpoints / "sd1"), sdlite.load(checkpoints / "sd1")
-    a.load_lora(ADDONS / "sd1-peft.safetensors")
-    b.load_lora(tmp_path / "peft.pt")
+    a.load_lora(ADDONS / "sd1-kohya.safetensors")
+    b.load_lora(tmp_path / "kohya.pt")
     assert all(torch.equal(x, y) for x, y in zip(parameters(a).values(), parameters(b).values()))
     (tmp_path / "evil.pt").write_bytes(pickle.dumps({"unet.conv_in.lora_A.weight": RunsCode()}, protocol=2))
     refused(b, tmp_path / "evil.pt", "not a readable LoRA file")
