@@ -61,6 +61,9 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="0-1: rescale the guided prediction's spread to the prompt's (Lin et al. 2023), "
+                        "for zero-terminal-SNR models (default 0: off)")
     p.add_argument("--seed", type=int, help="default: a random seed, written into the PNG")
     p.add_argument("--scheduler", choices=schedulers.NAMES, help="default: the checkpoint's own")
     p.add_argument("--batch-size", type=int, default=1)
@@ -108,7 +111,8 @@ def generate(args: argparse.Namespace) -> None:
     for path, weight in loras:
         pipe.load_lora(path, weight)
     settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
-                    seed=seed, scheduler=args.scheduler, batch_size=args.batch_size, progress=ProgressBar())
+                    guidance_rescale=args.guidance_rescale, seed=seed, scheduler=args.scheduler,
+                    batch_size=args.batch_size, progress=ProgressBar())
     if args.command == "txt2img":
         images = pipe.txt2img(args.prompt, width=args.width, height=args.height, **settings)
     elif args.command == "img2img":

@@ -45,6 +45,7 @@ class Run:
     generator: torch.Generator      # seeded once; every random draw of the call comes from it
     context: torch.Tensor           # (2B or B, 77, D) text-encoder output: negative prompt first when guided
     parameters: str                 # the PNG "parameters" text
+    guidance_rescale: float = 0.0   # see rescale_guidance
 
 
 class Pipeline:
@@ -96,12 +97,14 @@ class Pipeline:
     @torch.no_grad()
     def txt2img(self, prompt: str, negative_prompt: str = "", steps: int = 50, guidance_scale: float = 7.5,
                 width: int | None = None, height: int | None = None, seed: int | None = None,
-                scheduler: str | None = None, batch_size: int = 1, progress: Progress | None = None) -> list[Image.Image]:
+                scheduler: str | None = None, batch_size: int = 1, progress: Progress | None = None,
+                guidance_rescale: float = 0.0) -> list[Image.Image]:
         """Images from pure noise (as diffusers' StableDiffusionPipeline)."""
         if self.unet.config.in_channels != 4:
             raise UserError("this is an inpainting checkpoint (9 input channels): use inpaint")
         width, height = width or self.default_size, height or self.default_size
-        run = self.start(prompt, negative_prompt, steps, guidance_scale, width, height, seed, scheduler, batch_size)
+        run = self.start(prompt, negative_prompt, steps, guidance_scale, width, height, seed, scheduler, batch_size,
+                         guidance_rescale=guidance_rescale)
         timesteps = run.sampler.set_timesteps(steps)
         noise = torch.randn(self.latent_shape(batch_size, width, height), generator=run.generator, dtype=self.dtype)
         x = noise.to(self.device) * run.sampler.init_sigma
@@ -111,14 +114,15 @@ class Pipeline:
     @torch.no_grad()
     def img2img(self, prompt: str, image: ImageInput, strength: float = 0.8, negative_prompt: str = "",
                 steps: int = 50, guidance_scale: float = 7.5, seed: int | None = None, scheduler: str | None = None,
-                batch_size: int = 1, progress: Progress | None = None) -> list[Image.Image]:
+                batch_size: int = 1, progress: Progress | None = None,
+                guidance_rescale: float = 0.0) -> list[Image.Image]:
         """Images that start from `image` noised to the timestep `strength` picks (SDEdit, Meng et al. 2022): the
         last strength * steps steps of the schedule are run (as diffusers' StableDiffusionImg2ImgPipeline)."""
         if self.unet.config.in_channels != 4:
             raise UserError("this is an inpainting checkpoint (9 input channels): use inpaint")
         image = self.fit(open_rgb(image))
         run = self.start(prompt, negative_prompt, steps, guidance_scale, *image.size, seed, scheduler, batch_size,
-                         strength)
+                         strength, guidance_rescale)
         timesteps = self.partial_timesteps(run.sampler, steps, strength)
         x0 = self.encode_image(to_tensor(image), run.generator).repeat(batch_size, 1, 1, 1)
         noise = torch.randn(x0.shape, generator=run.generator, dtype=self.dtype).to(self.device)
@@ -130,7 +134,8 @@ class Pipeline:
     def inpaint(self, prompt: str, image: ImageInput, mask: ImageInput, strength: float = 1.0,
                 negative_prompt: str = "", steps: int = 50, guidance_scale: float = 7.5, seed: int | None = None,
                 scheduler: str | None = None, batch_size: int = 1, mask_blur: float = 0,
-                keep_unmasked: bool = False, progress: Progress | None = None) -> list[Image.Image]:
+                keep_unmasked: bool = False, progress: Progress | None = None,
+                guidance_rescale: float = 0.0) -> list[Image.Image]:
         """Repaint the white part of `mask`, keep the black part (as diffusers' StableDiffusionInpaintPipeline).
 
         A 9-channel inpainting UNet sees the mask and the masked image's latents beside x at every step; a
@@ -151,7 +156,7 @@ class Pipeline:
         if not m.any():
             raise UserError("the mask is all black: nothing to repaint (white marks the region to repaint)")
         run = self.start(prompt, negative_prompt, steps, guidance_scale, *image.size, seed, scheduler, batch_size,
-                         strength)
+                         strength, guidance_rescale, inpainting=True)
         timesteps = self.partial_timesteps(run.sampler, steps, strength)
         nine_channels = self.unet.config.in_channels == 9
 
@@ -179,18 +184,24 @@ class Pipeline:
         return images
 
     def start(self, prompt: str, negative_prompt: str, steps: int, guidance_scale: float, width: int, height: int,
-              seed: int | None, scheduler: str | None, batch_size: int, strength: float | None = None) -> "Run":
+              seed: int | None, scheduler: str | None, batch_size: int, strength: float | None = None,
+              guidance_rescale: float = 0.0, inpainting: bool = False) -> "Run":
         """Check the settings, seed the generator, build the sampler and encode the prompts."""
         scheduler = scheduler or self.default_scheduler
         self.check(steps=steps, width=width, height=height, scheduler=scheduler, batch_size=batch_size)
         if strength is not None and not 0 <= strength <= 1:
             raise UserError(f"strength must be between 0 and 1, not {strength}")
+        if not 0 <= guidance_rescale <= 1:
+            raise UserError(f"guidance rescale must be between 0 and 1, not {guidance_rescale}")
         seed = random.randrange(2**32) if seed is None else seed
         fields = {"Steps": steps, "Sampler": scheduler, "CFG scale": guidance_scale, "Seed": seed,
                   "Size": f"{width}x{height}", "Model": self.name}
         if strength is not None:
             fields["Denoising strength"] = strength
-        return Run(sampler=schedulers.make(scheduler, self.scheduler_config),
+        if guidance_rescale:
+            fields["Guidance rescale"] = guidance_rescale
+        config = schedulers.as_pipelines_see_it(scheduler, self.scheduler_config, inpainting)
+        return Run(sampler=schedulers.make(scheduler, config), guidance_rescale=guidance_rescale,
                    generator=torch.Generator("cpu").manual_seed(seed),
                    context=self.encode_prompt(prompt, negative_prompt, batch_size, guidance_scale),
                    parameters=generation_parameters(prompt, negative_prompt, fields))
@@ -259,6 +270,8 @@ class Pipeline:
                 if guided:
                     uncond, cond = out.chunk(2)
                     out = uncond + guidance_scale * (cond - uncond)
+                    if run.guidance_rescale > 0:
+                        out = rescale_guidance(out, cond, run.guidance_rescale)
                 x = run.sampler.step(out, t, x, run.generator)
                 if keep is not None:
                     known, noise, mask = keep
@@ -281,3 +294,12 @@ class Pipeline:
             image.info["parameters"] = parameters + batch
             images.append(image)
         return images
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", sec. 3.4: scale the guided
+    prediction to the per-image standard deviation of the conditional one (guidance inflates it, which over-exposes
+    zero-terminal-SNR models), and mix: phi * rescaled + (1 - phi) * guided."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided

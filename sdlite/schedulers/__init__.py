@@ -25,6 +25,7 @@ from .euler import Euler, EulerConfig
 from .euler_ancestral import EulerAncestral, EulerAncestralConfig
 from .lms import LMS, LMSConfig
 from .pndm import PNDM, PNDMConfig
+from . import schedule
 from .unipc import UniPC, UniPCConfig
 
 # name -> (sampler, its config, the config values the name fixes)
@@ -66,6 +67,21 @@ def make(name: str, config: dict):
     given = {k: v for k, v in config.items() if k not in config.get("_use_default_values", [])}
     for key, accepted in config_class.only.items():
         if key in given and given[key] not in accepted:
-            raise NotImplementedError(f"{name}: {key}={given[key]!r} is not implemented (only {accepted})")
+            raise schedule.NotImplementedOption(f"scheduler config: {name} does not implement {key}={given[key]!r} "
+                                                f"(only {', '.join(map(repr, accepted))}): choose another --scheduler")
     known = {f.name for f in dataclasses.fields(config_class)}
     return sampler(config_class(**{**{k: v for k, v in given.items() if k in known}, **fixed}))
+
+
+def as_pipelines_see_it(name: str, config: dict, inpainting: bool = False) -> dict:
+    """The scheduler config that diffusers' Stable Diffusion pipelines give the sampler `name`: their __init__
+    rewrites the checkpoint's scheduler config to steps_offset 1 and (txt2img and img2img, not inpainting)
+    clip_sample off where the checkpoint's own scheduler would clip. A rewritten key reaches another sampler (one
+    swapped in with from_config) only if the file gave it; keys the file left out take that sampler's defaults."""
+    given = {k: v for k, v in config.items() if k not in config.get("_use_default_values", [])}
+    own = CLASS_NAMES.get(given.get("_class_name", "PNDMScheduler"))
+    own_defaults = SAMPLERS[own][1] if own else None
+    rewrites = {"steps_offset": 1}
+    if not inpainting and given.get("clip_sample", getattr(own_defaults, "clip_sample", False)):
+        rewrites["clip_sample"] = False
+    return {**given, **{k: v for k, v in rewrites.items() if k in given or name == own}}

@@ -14,8 +14,9 @@ class DDIMConfig(schedule.TrainingSchedule):
     clip_sample: bool = True  # clamp the x_0 estimate to [-clip_sample_range, clip_sample_range]
     clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True  # alpha_bar "before" t = 0: 1, or alpha_bar_0
+    rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2023)
     # Options of the reference that we do not implement: the only values accepted.
-    only: ClassVar[dict] = {"thresholding": (False,), "rescale_betas_zero_snr": (False,)}
+    only: ClassVar[dict] = {"thresholding": (False,)}
 
 
 class DDIM(schedule.Sampler):

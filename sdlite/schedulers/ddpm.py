@@ -13,9 +13,9 @@ from . import schedule
 class DDPMConfig(schedule.TrainingSchedule):
     clip_sample: bool = True  # clamp the x_0 estimate to [-clip_sample_range, clip_sample_range]
     clip_sample_range: float = 1.0
+    rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2023)
     # Options of the reference that we do not implement: the only values accepted.
-    only: ClassVar[dict] = {"variance_type": ("fixed_small", None), "thresholding": (False,),
-                            "rescale_betas_zero_snr": (False,)}
+    only: ClassVar[dict] = {"variance_type": ("fixed_small", None), "thresholding": (False,)}
 
 
 class DDPM(schedule.Sampler):

@@ -13,11 +13,12 @@ from . import schedule
 class EulerConfig(schedule.TrainingSchedule):
     timestep_spacing: str = "linspace"
     use_karras_sigmas: bool = False  # space the sigmas by Karras et al. eq. 5
+    final_sigmas_type: str = "zero"  # the last step goes to sigma 0 ("zero") or to sigma at t = 0 ("sigma_min")
+    rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2023)
     # Options of the reference that we do not implement: the only values accepted.
     only: ClassVar[dict] = {"interpolation_type": ("linear",), "use_exponential_sigmas": (False,),
                             "use_beta_sigmas": (False,), "sigma_min": (None,), "sigma_max": (None,),
-                            "timestep_type": ("discrete",), "final_sigmas_type": ("zero",),
-                            "rescale_betas_zero_snr": (False,)}
+                            "timestep_type": ("discrete",), "final_sigmas_type": ("zero", "sigma_min")}
 
 
 class Euler(schedule.SigmaSampler):

@@ -12,8 +12,9 @@ from . import schedule
 @dataclass
 class EulerAncestralConfig(schedule.TrainingSchedule):
     timestep_spacing: str = "linspace"
+    rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2023)
     # Options of the reference that we do not implement: the only values accepted.
-    only: ClassVar[dict] = {"prediction_type": ("epsilon", "v_prediction"), "rescale_betas_zero_snr": (False,)}
+    only: ClassVar[dict] = {"prediction_type": ("epsilon", "v_prediction")}
 
 
 class EulerAncestral(schedule.SigmaSampler):

@@ -1,18 +1,23 @@
-"""PLMS, the pseudo linear multi-step method: Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on
-Manifolds". Reference: diffusers' PNDMScheduler with skip_prk_steps=True, as Stable Diffusion uses it (its
-Runge-Kutta warm-up is replaced by one pseudo improved Euler step)."""
+"""PNDM, the pseudo numerical methods of Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on
+Manifolds": a pseudo Runge-Kutta warm-up of three steps (PRK), then the pseudo linear multi-step method (PLMS).
+Reference: diffusers' PNDMScheduler. With skip_prk_steps (as Stable Diffusion's configs have it) the warm-up is one
+pseudo improved Euler step instead (crowsonkb's PLMS for latent diffusion)."""
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
 
+from ..errors import UserError
 from . import schedule
+
+PRK_STEPS = 3  # Runge-Kutta warm-up steps: enough model outputs for the fourth-order linear multi-step formula
 
 
 @dataclass
 class PNDMConfig(schedule.TrainingSchedule):
     set_alpha_to_one: bool = False  # alpha_bar "before" t = 0: 1, or alpha_bar_0
+    skip_prk_steps: bool = False  # warm up with one pseudo improved Euler step instead of three pseudo RK4 steps
     # Options of the reference that we do not implement: the only values accepted.
     only: ClassVar[dict] = {"prediction_type": ("epsilon", "v_prediction")}
 
@@ -23,32 +28,71 @@ class PNDM(schedule.Sampler):
         self.final_alpha_cumprod = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
 
     def set_timesteps(self, n: int, strength: float = 1.0) -> torch.Tensor:
-        """n + 1 timesteps: the second is repeated, for the second model evaluation of the warm-up step."""
+        """The timesteps at which the model is evaluated, in the reference's order.
+
+        skip_prk_steps: n + 1, the second repeated for the second evaluation of the warm-up step. Otherwise the three
+        RK4 steps from each of the three largest timesteps s to the next, s', evaluate at s, s' + h/2 (twice) and s'
+        (h = T // n, h/2 rounded down), then PLMS runs from the fourth largest on: 4 * 3 + n - 3 in all.
+        """
         self.step_size = self.cfg.num_train_timesteps // n
         t = schedule.spaced_timesteps(self.cfg, n).round().astype(np.int64)
-        self.timesteps = torch.from_numpy(np.concatenate([t[:1], t[1:2], t[1:]]))
-        self.outputs = []  # the last (up to 4) model outputs, oldest first
+        if self.cfg.skip_prk_steps:
+            self.prk_timesteps = t[:0]
+            plms_timesteps = np.concatenate([t[:1], t[1:2], t[1:]])
+        else:
+            if n < PRK_STEPS + 1:
+                raise UserError(f"pndm with skip_prk_steps false (Runge-Kutta warm-up) needs at least "
+                                f"{PRK_STEPS + 1} steps, not {n}")
+            half = self.cfg.num_train_timesteps // n // 2
+            self.prk_timesteps = np.array([u for s, s_next in zip(t[:PRK_STEPS], t[1:PRK_STEPS + 1])
+                                           for u in (s, s_next + half, s_next + half, s_next)])
+            plms_timesteps = t[PRK_STEPS:]
+        self.timesteps = torch.from_numpy(np.concatenate([self.prk_timesteps, plms_timesteps]).astype(np.int64))
+        self.outputs = []  # the last (up to 4) model outputs at the steps' starts, oldest first
         self.counter = 0  # model evaluations so far
-        self.warmup_x = None  # the sample the warm-up step starts from
+        self.start_x = None  # the sample the current warm-up step starts from
+        self.rk_sum = 0  # the RK4 step's weighted sum of model outputs so far
         return self.timesteps[schedule.img2img_start(n, strength):]
 
     def step(self, model_output: torch.Tensor, t, x: torch.Tensor, generator=None) -> torch.Tensor:
+        if self.counter < len(self.prk_timesteps):
+            return self.step_prk(model_output, int(t), x)
+        return self.step_plms(model_output, int(t), x)
+
+    def step_prk(self, model_output: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
+        """One of the four evaluations of a pseudo RK4 step from s to s - h (Liu et al. eq. 10): e_1 at s moves the
+        start x to s - h/2, e_2 there moves x to s - h/2 again, e_3 there moves x to s - h, and e_4 there gives the
+        step's transfer from x with (e_1 + 2 e_2 + 2 e_3 + e_4) / 6. As in the reference, each transfer's target is
+        the timestep passed, less h/2 at the first and third evaluation (h/2 rounded down)."""
+        stage = self.counter % 4
+        s = int(self.prk_timesteps[self.counter - stage])  # the step's start
+        t_to = t - self.step_size // 2 if stage in (0, 2) else t
+        if stage == 0:
+            self.outputs.append(model_output)  # the output at the start, for the multi-step formulas after
+            self.start_x = x
+        if stage < 3:
+            self.rk_sum = self.rk_sum + model_output * (1 / 6 if stage == 0 else 1 / 3)
+        else:
+            model_output, self.rk_sum = self.rk_sum + 1 / 6 * model_output, 0
+        self.counter += 1
+        return self.transfer(self.start_x, s, t_to, model_output)
+
+    def step_plms(self, model_output: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
         """One transfer step t -> t - T // n with a combination of the model's outputs (Liu et al. eq. 12-13).
 
-        Warm-up: the first output e_0 moves x to t - T // n; the second, e_1 at that point, redoes the same step
-        from the same x with (e_0 + e_1) / 2. Then the model is evaluated once per step and its outputs are combined
-        by the Adams-Bashforth formulas of order 2, 3 and 4. (With v-prediction the v's are combined, and the
-        result turned into eps, as in the reference.)
+        Without the RK4 warm-up: the first output e_0 moves x to t - T // n; the second, e_1 at that point, redoes
+        the same step from the same x with (e_0 + e_1) / 2. Then the model is evaluated once per step and its outputs
+        are combined by the Adams-Bashforth formulas of order 2, 3 and 4. (With v-prediction the v's are combined,
+        and the result turned into eps, as in the reference.)
         """
-        t = int(t)
         if self.counter == 1:
             output = (model_output + self.outputs[-1]) / 2
-            x, self.warmup_x = self.warmup_x, None
+            x, self.start_x = self.start_x, None
             t_from, t_to = t + self.step_size, t
         else:
             self.outputs = self.outputs[-3:] + [model_output]
             if self.counter == 0:
-                self.warmup_x = x
+                self.start_x = x
             e = self.outputs
             if len(e) == 1:
                 output = e[-1]

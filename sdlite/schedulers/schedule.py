@@ -13,6 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import UserError
+
+
+class NotImplementedOption(UserError, NotImplementedError):
+    """A config value of the reference that sdlite does not implement: the CLI reports it in one line."""
+
 
 @dataclass
 class TrainingSchedule:
@@ -52,8 +58,21 @@ def alphas_cumprod(cfg: TrainingSchedule) -> torch.Tensor:
     elif cfg.beta_schedule == "squaredcos_cap_v2":
         betas = cosine_betas(T)
     else:
-        raise NotImplementedError(f"beta_schedule {cfg.beta_schedule!r}")
+        raise NotImplementedOption(f"beta_schedule {cfg.beta_schedule!r} is not implemented: use 'linear', "
+                                   f"'scaled_linear' or 'squaredcos_cap_v2'")
+    if getattr(cfg, "rescale_betas_zero_snr", False):  # only the samplers whose reference has the option have it
+        betas = zero_terminal_snr(betas)
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """The betas rescaled so that the last timestep is pure noise (Lin et al. 2023, "Common Diffusion Noise Schedules
+    and Sample Steps are Flawed", algorithm 1): sqrt(alpha_bar) shifted to end at 0 and scaled to keep its start."""
+    root = torch.cumprod(1.0 - betas, dim=0) ** 0.5
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    alpha_bar = root ** 2
+    return 1 - torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
 
 
 def spaced_timesteps(cfg: TrainingSchedule, n: int) -> np.ndarray:
@@ -134,10 +153,11 @@ def denoised(prediction_type: str, model_output: torch.Tensor, x: torch.Tensor, 
     raise ValueError(f"prediction_type {prediction_type!r}")
 
 
-def k_diffusion_sigmas(cfg: TrainingSchedule, alphas_cumprod: torch.Tensor, n: int,
-                       karras: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def k_diffusion_sigmas(cfg: TrainingSchedule, alphas_cumprod: torch.Tensor, n: int, karras: bool = False,
+                       final_sigma: str = "zero") -> tuple[torch.Tensor, torch.Tensor]:
     """(timesteps, sigmas) of the k-diffusion samplers (LMS, Euler): n fp32 timesteps, possibly fractional, and the
-    n + 1 fp32 sigmas at them, interpolated linearly in t, ending with 0.
+    n + 1 fp32 sigmas at them, interpolated linearly in t, ending with 0 (final_sigma "zero") or with sigma at t = 0
+    ("sigma_min").
 
     With karras, the n sigmas are re-spaced by Karras et al. eq. 5 between the first and last, and the timesteps
     follow them.
@@ -148,7 +168,15 @@ def k_diffusion_sigmas(cfg: TrainingSchedule, alphas_cumprod: torch.Tensor, n: i
     if karras:
         sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), n)
         timesteps = sigma_to_t(sigmas, np.log(train)).astype(np.float32)
-    return torch.from_numpy(timesteps), torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
+    sigmas = np.append(sigmas, final(final_sigma, train)).astype(np.float32)
+    return torch.from_numpy(timesteps), torch.from_numpy(sigmas)
+
+
+def final(final_sigma: str, train: np.ndarray) -> float:
+    """The noise level the last step goes to: 0, or the training schedule's smallest (at t = 0)."""
+    if final_sigma not in ("zero", "sigma_min"):
+        raise NotImplementedOption(f"final_sigmas_type {final_sigma!r} is not implemented: use 'zero' or 'sigma_min'")
+    return 0.0 if final_sigma == "zero" else train[0].item()
 
 
 def k_diffusion_init_sigma(cfg: TrainingSchedule, sigmas: torch.Tensor) -> float:
@@ -159,30 +187,35 @@ def k_diffusion_init_sigma(cfg: TrainingSchedule, sigmas: torch.Tensor) -> float
     return ((sigmas.max() ** 2 + 1) ** 0.5).item()
 
 
-def multistep_sigmas(cfg: TrainingSchedule, alphas_cumprod: torch.Tensor, n: int, karras: bool = False,
-                     round_karras_timesteps: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def multistep_sigmas(cfg: TrainingSchedule, alphas_cumprod: torch.Tensor, n: int, spacing: str | None = None,
+                     final_sigma: str = "zero", round_timesteps: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(timesteps, sigmas) of the multistep solvers (DPM-Solver++, UniPC): n int64 timesteps and the n + 1 fp32
-    sigmas at them, ending with 0.
+    sigmas at them, ending with 0 (final_sigma "zero") or with sigma at t = 0 ("sigma_min").
 
-    "linspace" and "leading" take the n largest of n + 1 spaced timesteps, so that none is 0. With karras, the
-    sigmas run by Karras et al. eq. 5 over the whole training range and the timesteps follow them, rounded unless
-    round_karras_timesteps is False (then truncated).
+    By default the timesteps are spaced as cfg says: "linspace" and "leading" take the n largest of n + 1 spaced
+    timesteps, so that none is 0. Otherwise the sigmas are spaced over the whole training range, and the timesteps
+    follow them (rounded unless round_timesteps is False, then truncated): spacing "karras" by Karras et al. eq. 5,
+    "lu" evenly in lambda = -log sigma (Lu et al. 2022, DPM-Solver++, sec. 5's "uniform logSNR" steps).
     """
     train = train_sigmas(alphas_cumprod)
-    if karras:
-        sigmas = karras_sigmas(train[0].item(), train[-1].item(), n)
-        timesteps = sigma_to_t(sigmas, np.log(train))
-        if round_karras_timesteps:
-            timesteps = timesteps.round()
-        timesteps = timesteps.astype(np.int64)
-    else:
+    if spacing is None:
         if cfg.timestep_spacing == "trailing":
             timesteps = spaced_timesteps(cfg, n)
         else:
             timesteps = spaced_timesteps(cfg, n + 1)[:-1]
         timesteps = timesteps.round().astype(np.int64)
         sigmas = train[timesteps]
-    return torch.from_numpy(timesteps), torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
+    else:
+        if spacing == "karras":
+            sigmas = karras_sigmas(train[0].item(), train[-1].item(), n)
+        else:
+            sigmas = np.exp(np.linspace(np.log(train[-1]).item(), np.log(train[0]).item(), n))
+        timesteps = sigma_to_t(sigmas, np.log(train))
+        if round_timesteps:
+            timesteps = timesteps.round()
+        timesteps = timesteps.astype(np.int64)
+    sigmas = np.append(sigmas, final(final_sigma, train)).astype(np.float32)
+    return torch.from_numpy(timesteps), torch.from_numpy(sigmas)
 
 
 def alpha_sigma(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,10 +240,14 @@ class Sampler:
     """Base of every sampler: the config and its alpha_bar. Its x is x_t itself, which the UNet takes as it is and
     which starts as N(0, I); its add_noise samples q(x_t | x_0). DDPM, DDIM and PNDM use these as they are."""
     init_sigma = 1.0
+    steps_through_sigmas = False  # the k-diffusion samplers and the multistep solvers do
 
     def __init__(self, cfg: TrainingSchedule):
         self.cfg = cfg
         self.alphas_cumprod = alphas_cumprod(cfg)
+        if self.steps_through_sigmas and getattr(cfg, "rescale_betas_zero_snr", False):
+            # alpha_bar_T = 0 would make sigma_T infinite; the reference sets fp16's smallest subnormal instead
+            self.alphas_cumprod[-1] = 2.0 ** -24
 
     def scale_input(self, x: torch.Tensor, t) -> torch.Tensor:
         return x
@@ -224,10 +261,12 @@ class Sampler:
 class SigmaSampler(Sampler):
     """Base of the k-diffusion samplers (LMS, Euler, Euler ancestral): their x is x_0 + sigma eps, i.e. x_t / alpha_t,
     and they step through the sigmas of k_diffusion_sigmas, self.i being the index of the current step."""
+    steps_through_sigmas = True
 
     def set_timesteps(self, n: int, strength: float = 1.0) -> torch.Tensor:
         karras = getattr(self.cfg, "use_karras_sigmas", False)  # Euler ancestral has no such option
-        self.timesteps, self.sigmas = k_diffusion_sigmas(self.cfg, self.alphas_cumprod, n, karras)
+        final_sigma = getattr(self.cfg, "final_sigmas_type", "zero")  # only Euler has this one
+        self.timesteps, self.sigmas = k_diffusion_sigmas(self.cfg, self.alphas_cumprod, n, karras, final_sigma)
         self.init_sigma = k_diffusion_init_sigma(self.cfg, self.sigmas)
         self.i = img2img_start(n, strength)
         return self.timesteps[self.i:]
@@ -244,6 +283,7 @@ class SigmaSampler(Sampler):
 class MultistepSampler(Sampler):
     """Base of the multistep solvers (DPM-Solver++, UniPC): they step through the sigmas of multistep_sigmas,
     self.i being the index of the current step."""
+    steps_through_sigmas = True
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """alpha x_0 + sigma noise at the current step (the img2img start); like the reference, t is not looked at."""
