@@ -52,6 +52,8 @@ def read_embedding(path: Path) -> tuple[str | None, torch.Tensor]:
         keys = ", ".join(sorted(map(str, sd))[:5])
         hint = " (an SDXL embedding: SDXL is not supported)" if {"clip_l", "clip_g"} <= sd.keys() else ""
         raise UserError(f"{path}: not a textual-inversion embedding (keys {keys}){hint}")
+    if not isinstance(vectors, torch.Tensor):
+        raise UserError(f"{path}: the embedding holds a {type(vectors).__name__} where its vectors should be")
     vectors = vectors.detach().float()
     if vectors.ndim == 1:
         vectors = vectors[None]

@@ -91,6 +91,14 @@ class RunsCode:
         return (print, ("this must never be printed",))
 
 
+def test_a1111_file_without_vectors_is_refused(sd1, tmp_path):
+    path = tmp_path / "empty.pt"
+    torch.save({"string_to_param": {"*": "no vectors"}, "name": "empty"}, path)
+    with pytest.raises(UserError, match="holds a str where its vectors should be"):
+        sd1[0].load_embedding(path)
+    assert_unchanged(*sd1)
+
+
 def test_pickle_with_code_is_refused(sd1, tmp_path, capsys):
     path = tmp_path / "evil.pt"
     path.write_bytes(pickle.dumps({"string_to_param": {"*": RunsCode()}}, protocol=2))
