@@ -10,6 +10,7 @@ from . import __version__, prompts, schedulers, train
 from .checkpoint import load
 from .errors import UserError
 from .image import save_png
+from .lora import find_lora, split_lora_tags
 from .progress import Progress
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "default"
@@ -100,6 +101,13 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-tiling", action="store_true",
                    help="encode and decode images larger than the model's own size in tiles: memory bounded by one "
                         "tile, with possible seams")
+    p.add_argument("--embedding", type=Path, action="append", default=[], metavar="PATH",
+                   help="a textual-inversion embedding (.pt, .safetensors, .bin), called in the prompt by its file "
+                        "name's stem (A1111 files) or the token stored in it (diffusers files); repeatable")
+    p.add_argument("--lora", type=lora_flag, action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) merged at WEIGHT (default 1); repeatable")
+    p.add_argument("--lora-dir", type=Path, help="the folder where <lora:NAME:WEIGHT> in the prompt finds "
+                                                 "NAME.safetensors (A1111's models/Lora)")
     p.add_argument("--out", type=Path, help="output PNG; with --batch-size N, NAME-0.png ... NAME-(N-1).png "
                                             "(default: COMMAND-SEED.png)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -116,10 +124,23 @@ def generate(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag}: no such file: {path}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    tagged = []
+    if args.prompt_syntax == "a1111":   # <lora:NAME:WEIGHT> is A1111's syntax
+        args.prompt, tagged = split_lora_tags(args.prompt)
+    if tagged and args.lora_dir is None:
+        raise UserError(f"the prompt names LoRAs (<lora:{tagged[0][0]}:...>): give their folder with --lora-dir")
+    loras = args.lora + [(find_lora(args.lora_dir, name), weight) for name, weight in tagged]
+    for flag, path in [("embedding", path) for path in args.embedding] + [("lora", path) for path, _ in loras]:
+        if not path.is_file():
+            raise UserError(f"--{flag}: no such file: {path}")
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**32, ()).item())
     outputs = output_paths(args.out or Path(f"{args.command}-{seed}.png"), args.batch_size, args.overwrite)
     pipe = load(model, dtype=DTYPES[args.dtype], device=args.device, prediction_type=args.prediction_type)
     pipe.vae.tiling = args.vae_tiling
+    for path in args.embedding:
+        pipe.load_embedding(path)
+    for path, weight in loras:
+        pipe.load_lora(path, weight)
     for name, text in (("prompt", args.prompt), ("negative prompt", args.negative_prompt)):
         if args.show_tokens:
             print(f"{name}: {prompts.describe(pipe.tokenizer, text, args.prompt_syntax)}")
@@ -141,6 +162,15 @@ def generate(args: argparse.Namespace) -> None:
     for image, path in zip(images, outputs):
         save_png(image, path, overwrite=args.overwrite)
         print(path)
+
+
+def lora_flag(text: str) -> tuple[Path, float]:
+    """--lora PATH or PATH:WEIGHT; a path may hold colons itself, so only a number after the last one is a weight."""
+    path, _, weight = text.rpartition(":")
+    try:
+        return Path(path), float(weight)
+    except ValueError:
+        return Path(text), 1.0
 
 
 def output_paths(out: Path, batch_size: int, overwrite: bool) -> list[Path]:

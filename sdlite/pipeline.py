@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from . import schedulers
+from . import lora, schedulers
 from .clip import CLIPTextModel
+from .embeddings import add_embedding
 from .errors import UserError
 from .image import generation_parameters, model_hash, open_rgb, paste_unmasked, to_tensor
 from .onednn import pack_convolutions
@@ -66,6 +67,18 @@ class Pipeline:
         for module in (self.text_encoder, self.unet, self.vae):
             module.to(device=device, dtype=dtype)
         return self
+
+    def load_embedding(self, path: str | Path, token: str | None = None) -> str:
+        """Add a textual-inversion embedding (embeddings.py); -> the token that calls it in prompts."""
+        return add_embedding(self.tokenizer, self.text_encoder, Path(path), token)
+
+    def load_lora(self, path: str | Path, weight: float = 1.0) -> None:
+        """Merge a LoRA into the UNet's and the text encoder's weights (lora.py); unload_loras takes all out."""
+        lora.merge({"unet": self.unet, "text_encoder": self.text_encoder}, Path(path), weight)
+
+    def unload_loras(self) -> None:
+        """The weights as they were before the first load_lora, exactly (the very tensors, on their device)."""
+        lora.unmerge({"unet": self.unet, "text_encoder": self.text_encoder})
 
     @property
     def dtype(self) -> torch.dtype:

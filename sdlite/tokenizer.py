@@ -84,6 +84,7 @@ class Tokenizer:
         self.backend.add_special_tokens([t for t in tokens.values() if t.content not in known])
         self.bos_id, self.eos_id, self.pad_id = (self.backend.token_to_id(t.content) for t in tokens.values())
         self.max_length = max_length
+        self.expansions: dict[int, list[int]] = {}  # a multi-vector embedding's token -> its tokens (embeddings.py)
 
     @classmethod
     def from_vendored(cls, pad_id: int = SD1_PAD_ID) -> "Tokenizer":
@@ -108,16 +109,27 @@ class Tokenizer:
             backend = clip_backend(*BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
         return cls(backend, specials)
 
+    def add_tokens(self, tokens: list[str]) -> list[int]:
+        """New words matched whole in prompts, before BPE (as transformers' add_tokens): their ids, numbered on from
+        the vocabulary's. The first one stands for all of them in a prompt (a multi-vector embedding's)."""
+        self.backend.add_tokens([AddedToken(t, normalized=True) for t in tokens])
+        ids = [self.backend.token_to_id(t) for t in tokens]
+        if len(ids) > 1:
+            self.expansions[ids[0]] = ids
+        return ids
+
     def __call__(self, prompts: list[str] | str) -> torch.Tensor:
         """-> LongTensor (B, max_length): BOS, the prompt's tokens cut to max_length - 2, EOS, padding."""
         if isinstance(prompts, str):
             prompts = [prompts]
         ids = torch.full((len(prompts), self.max_length), self.pad_id, dtype=torch.long)
-        for row, encoding in zip(ids, self.backend.encode_batch(list(prompts), add_special_tokens=False)):
-            tokens = [self.bos_id, *encoding.ids[:self.max_length - 2], self.eos_id]
+        for row, tokens in zip(ids, self.tokens(prompts)):
+            tokens = [self.bos_id, *tokens[:self.max_length - 2], self.eos_id]
             row[:len(tokens)] = torch.tensor(tokens)
         return ids
 
     def tokens(self, texts: list[str]) -> list[list[int]]:
-        """Each text's BPE token ids, without start, end or padding tokens and not cut to any length."""
-        return [encoding.ids for encoding in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        """Each text's BPE token ids, a multi-vector embedding's token expanded to all of its tokens, without start,
+        end or padding tokens and not cut to any length."""
+        return [[i for token in encoding.ids for i in self.expansions.get(token, (token,))]
+                for encoding in self.backend.encode_batch(list(texts), add_special_tokens=False)]
