@@ -247,7 +247,7 @@ def pixel_loss(images: torch.Tensor, alpha_bar: torch.Tensor, batch_size: int) -
 
 
 def null_context(unet: UNet, batch_size: int) -> torch.Tensor:
-    return torch.zeros(batch_size, 1, unet.config.cross_attention_dim)
+    return torch.zeros(batch_size, 1, unet.config.cross_attention_dim[-1])
 
 
 # --- data ---
