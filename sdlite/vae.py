@@ -48,7 +48,7 @@ class VAEConfig:
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # width of each resolution level, highest first
     layers_per_block: int = 2  # resnets per encoder level (the decoder has one more)
     norm_num_groups: int = 32
-    act_fn: str = "silu"
+    act_fn: str = "silu"  # of the resnets (the encoder and decoder outputs use silu whatever it says, as diffusers)
     scaling_factor: float = 0.18215  # latents = scaling_factor * z (scale_latents)
     shift_factor: float | None = None  # SD3's: latents = scaling_factor * (z - shift_factor)
     latents_mean: tuple[float, ...] | None = None  # SDXL's: latents = scaling_factor * (z - mean) / std, per channel
@@ -249,7 +249,6 @@ class Encoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         widths, groups, act_fn = config.block_out_channels, config.norm_num_groups, config.act_fn
-        self.act = ACTIVATIONS[act_fn]
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             DownBlock(c_in, c_out, config.layers_per_block, groups, act_fn, downsample=i < len(widths) - 1)
@@ -263,7 +262,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(self.act(self.conv_norm_out(x), inplace=True))
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))   # silu whatever act_fn says, as diffusers
 
 
 class Decoder(nn.Module):
@@ -272,7 +271,6 @@ class Decoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         widths, groups, act_fn = config.block_out_channels[::-1], config.norm_num_groups, config.act_fn  # lowest first
-        self.act = ACTIVATIONS[act_fn]
         self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
         self.mid_block = MidBlock(config, widths[0])
         self.up_blocks = nn.ModuleList(
@@ -285,7 +283,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(self.act(self.conv_norm_out(x), inplace=True))
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))   # silu whatever act_fn says, as diffusers
 
 
 class AutoencoderKL(nn.Module):

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -16,10 +15,10 @@ from sdlite.weights import read_safetensors
 FIXTURES = Path(__file__).parent / "fixtures"
 sys.path.insert(0, str(FIXTURES))
 from make_unet import random_weights  # noqa: E402  (the weights are redrawn from a seed, not stored)
+from tolerances import float_rounding_tolerance  # noqa: E402
 
 LDM_CASES = ["sd1", "sd2", "inpaint"]     # also in the single-file layout
 CASES = LDM_CASES + ["groups8", "nomid"]  # make_unet.CONFIG_CASES: every config.json key at a non-default value
-EPS32 = torch.finfo(torch.float32).eps
 
 
 class Case:
@@ -53,18 +52,6 @@ def ldm_case(request) -> Case:
     return Case(request.param)
 
 
-def float_rounding_tolerance(unet: UNet) -> float:
-    """The largest relative error (max |ours - theirs| / max |theirs|) that float32 rounding alone explains between
-    two computations of the same UNet (sdlite's and the reference's, on whatever kernels this CPU picks: oneDNN,
-    MKL, SIMD widths differ in summation order). Each layer with weights rounds its result at about float32 epsilon
-    relative (the kernels' blocked and pairwise sums keep a long sum's error near that); the errors of the layers
-    add along the path from input to output, which passes each layer at most once; and both computations err:
-    2 * layers * eps32 (1.6e-5 to 4e-5 for the fixtures, whose measured errors are 0 to 1.3e-6)."""
-    layers = sum(1 for m in unet.modules() if next(m.children(), None) is None and isinstance(m, (nn.Conv2d, nn.Linear,
-                 nn.GroupNorm, nn.LayerNorm)))
-    return 2 * layers * EPS32
-
-
 def assert_matches_reference(unet: UNet, case: Case):
     unet.eval()
     for x, t, context, expected in case.runs:
@@ -72,7 +59,7 @@ def assert_matches_reference(unet: UNet, case: Case):
             out = unet(x, t, context)
         assert out.shape == expected.shape
         relative_error = (out - expected).abs().max() / expected.abs().max()
-        tolerance = float_rounding_tolerance(unet)   # float32 rounding only: see there
+        tolerance = float_rounding_tolerance(unet)   # what float32 rounding explains: see there
         assert relative_error < tolerance, f"t={t!r}, x {tuple(x.shape)}: relative error {relative_error:.2e}"
 
 
