@@ -1,7 +1,8 @@
 """CLIP's text transformer (Radford et al. 2021): 77 token ids -> the context (B, 77, D) the UNet attends to.
 
 A stack of pre-LayerNorm transformer layers with causal self-attention, then a final LayerNorm; SD conditions on every
-position's output (no pooling, no projection). One class, two configs:
+position's output (CLIPTextModelWithProjection's pooled, projected `text_embeds` are there for folders that hold
+one). One class, two configs:
   SD 1.x  OpenAI CLIP ViT-L/14's text tower: 12 layers, 768 wide, quick_gelu.
   SD 2.x  OpenCLIP ViT-H/14's: 24 layers, 1024 wide, gelu; SD takes the output of the penultimate layer (then the
           final LayerNorm), so its config has 23 layers and the last one is never loaded.
@@ -29,18 +30,20 @@ ACTIVATIONS = {
 }
 ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 
-# The keys CLIPTextConfig.from_json reads, and those that cannot change the text encoder's outputs: the file's
-# bookkeeping (versions, model_type, the dtype it was saved in: the caller picks the dtype), output switches of
-# transformers' forward, the initialisation of untrained weights, the ids of special tokens (the tokenizer's
-# business, but for eos_token_id, which picks the pooled position), and the labels of classification heads CLIP
-# has none of.
-CLIP_IMPLEMENTED = {
-    "vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers", "num_attention_heads",
-    "max_position_embeddings", "hidden_act", "layer_norm_eps", "architectures", "eos_token_id",
+# Keys that cannot change the text encoder's outputs: the file's bookkeeping (versions, model_type, the dtype it was
+# saved in: the caller picks the dtype), output switches of transformers' forward, the initialisation of untrained
+# weights, the ids of special tokens the tokenizer adds (the text encoder never reads them), and the labels of
+# classification heads CLIP has none of.
+CLIP_NO_EFFECT = {
     "transformers_version", "model_type", "dtype", "torch_dtype", "output_hidden_states", "output_attentions",
     "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
     "initializer_range", "initializer_factor", "pad_token_id", "bos_token_id",
 }
+# The keys CLIPTextConfig.from_json reads (eos_token_id: where CLIPTextModelWithProjection pools), and those above.
+CLIP_IMPLEMENTED = {
+    "vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers", "num_attention_heads",
+    "max_position_embeddings", "hidden_act", "layer_norm_eps", "architectures", "eos_token_id",
+} | CLIP_NO_EFFECT
 # Dropout acts in training only, which sdlite runs without it.
 CLIP_REFUSED = {"attention_dropout": (0, 0.0), "dropout": (0, 0.0)}
 
@@ -155,8 +158,9 @@ class CLIPTextModel(nn.Module):
 def with_text_model_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A transformers CLIPTextModel state dict in sdlite's names. transformers before 5.x saved its keys under
     `text_model.`, 5.x saves them without; older files also hold `text_model.embeddings.position_ids`, the constant
-    0..76 that sdlite does not store (forward takes the first L position embeddings), so it is dropped."""
-    return {k if k.startswith("text_model.") else "text_model." + k: v
+    0..76 that sdlite does not store (forward takes the first L position embeddings), so it is dropped.
+    CLIPTextModelWithProjection's text_projection sits beside text_model in both."""
+    return {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
             for k, v in sd.items() if not k.endswith("embeddings.position_ids")}
 
 
