@@ -169,7 +169,8 @@ class UNetConfig:
             raise UserError(f"{where}: downsample_padding must be >= 0 and norm_eps > 0")
         last = len(self.block_out_channels) - 1
         for level, (width, heads) in enumerate(zip(self.block_out_channels, self.heads)):
-            attends = self.attention_levels[level] or self.up_attention_levels[level] or (level == last and self.mid_block)
+            attends = (self.attention_levels[level] or self.up_attention_levels[level]
+                       or (level == last and self.mid_block))
             if width % self.norm_num_groups or (attends and width % heads):
                 raise UserError(f"{where}: block_out_channels {show(list(self.block_out_channels))} must be "
                                 f"multiples of norm_num_groups ({self.norm_num_groups}) and of each level's "
