@@ -127,7 +127,7 @@ def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
         vae=build(AutoencoderKL, vae_config, vae_sd, path / "vae"),
         scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
         family="sd2" if text_config.hidden_act == "gelu" else "sd1",
-        default_size=unet_json.get("sample_size", 64) * vae_config.downscale,
+        default_size=(unet_json.get("sample_size") or 64) * vae_config.downscale,   # an int: UNetConfig checks it
         name=path.name)
 
 

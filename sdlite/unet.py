@@ -121,8 +121,9 @@ class UNetConfig:
                             f"(only {MID_TYPES[0]} or null)")
         if c.values.get("norm_num_groups", 32) is None:
             raise UserError(f"{where}: norm_num_groups = null (no output norm) is not supported by sdlite")
-        c.optional("mid_block_only_cross_attention", bool)   # read to check its type; see UNET_IMPLEMENTED
+        c.optional("mid_block_only_cross_attention", bool)   # read to check their types; see UNET_IMPLEMENTED
         c.get("resnet_out_scale_factor", 1.0, float)
+        c.optional("sample_size", int)   # the loader's default image size (a [height, width] list is refused)
         # diffusers quirk: in SD configs "attention_head_dim" is the number of heads (8, or [5, 10, 20, 20] in SD 2)
         config = cls(
             in_channels=c.required("in_channels", int),
