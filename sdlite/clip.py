@@ -71,10 +71,7 @@ class CLIPTextConfig:
         if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
             raise UserError(f"{where}: architectures = {show(config['architectures'])[:60]} is not supported by "
                             f"sdlite (only {' or '.join(ARCHITECTURES)})")
-        hidden_act = c.get("hidden_act", "quick_gelu", str)
-        if hidden_act not in ACTIVATIONS:
-            raise UserError(f"{where}: hidden_act = {show(hidden_act)} is not supported by sdlite "
-                            f"(only {', '.join(ACTIVATIONS)})")
+        hidden_act = c.choice("hidden_act", "quick_gelu", ACTIVATIONS)
         for key in ("dtype", "torch_dtype", "pad_token_id", "bos_token_id", "eos_token_id"):
             c.optional(key, str if key.endswith("dtype") else int)
         with_projection = architectures[0] == "CLIPTextModelWithProjection"

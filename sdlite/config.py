@@ -50,6 +50,14 @@ class ConfigFile:
             self.fail(key, f"a {kind.__name__}")
         return value
 
+    def choice(self, key: str, default: str, options) -> str:
+        """A string that must be one of `options`."""
+        value = self.get(key, default, str)
+        if value not in options:
+            raise UserError(f"{self.where}: {key} = {show(value)[:40]} is not supported by sdlite "
+                            f"(only {', '.join(options)})")
+        return value
+
     def optional(self, key: str, kind: type):
         """The value of `key`, or None if absent or null."""
         return None if self.values.get(key) is None else self.get(key, None, kind)
@@ -58,14 +66,16 @@ class ConfigFile:
         return self.get(key, None, kind)
 
     def list_of(self, key: str, default, kind: type, length: int | None = None) -> tuple:
-        """A list of `kind` (of `length` items if given) as a tuple."""
+        """A list of `kind` (of `length` items if given) as a tuple. Ints do for floats."""
         value = self.values.get(key, default)
         what = f"a list of {length or 'some'} {kind.__name__}s"
         if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length) or not value:
             self.fail(key, what)
-        if not all(isinstance(v, kind) and not (kind is int and isinstance(v, bool)) for v in value):
+        kinds = (int, float) if kind is float else kind
+        if not all(isinstance(v, kinds) and not isinstance(v, bool) or kind is bool and isinstance(v, bool)
+                   for v in value):
             self.fail(key, what)
-        return tuple(value)
+        return tuple(kind(v) for v in value)
 
     def per_level(self, key: str, default, kind: type, levels: int) -> tuple:
         """One value for every level: a list of `levels` values, or a single one that holds at every level."""

@@ -141,7 +141,7 @@ class UNetConfig:
             mid_block=mid is not None,
             norm_num_groups=c.get("norm_num_groups", 32, int),
             norm_eps=c.get("norm_eps", 1e-5, float),
-            act_fn=c.get("act_fn", "silu", str),
+            act_fn=c.choice("act_fn", "silu", ACTIVATIONS),
             downsample_padding=c.get("downsample_padding", 1, int),
             mid_block_scale_factor=c.get("mid_block_scale_factor", 1.0, float),
             flip_sin_to_cos=c.get("flip_sin_to_cos", True, bool),
@@ -155,9 +155,6 @@ class UNetConfig:
 
     def check(self, where) -> None:
         """Values that fit each other: GroupNorm groups and attention heads divide the widths, positive sizes."""
-        if self.act_fn not in ACTIVATIONS:
-            raise UserError(f"{where}: act_fn = {show(self.act_fn)} is not supported by sdlite "
-                            f"(only {', '.join(ACTIVATIONS)})")
         sizes = {"in_channels": [self.in_channels], "out_channels": [self.out_channels],
                  "block_out_channels": self.block_out_channels, "layers_per_block": self.layers_per_block,
                  "attention_head_dim": self.heads, "transformer_layers_per_block": self.transformer_depth,

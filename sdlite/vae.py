@@ -77,7 +77,7 @@ class VAEConfig:
             if c.list_of(key, [kind] * len(channels), str, len(channels)) != (kind,) * len(channels):
                 raise UserError(f"{where}: {key} = {show(config[key])[:60]} is not supported by sdlite (only {kind})")
         latent_channels = c.get("latent_channels", 4, int)
-        mean, std = (c.values.get(key) and c.list_of(key, None, float, latent_channels)
+        mean, std = (None if c.values.get(key) is None else c.list_of(key, None, float, latent_channels)
                      for key in ("latents_mean", "latents_std"))
         if (mean is None) != (std is None) or (mean is not None and c.values.get("shift_factor") is not None):
             raise UserError(f"{where}: give latents_mean and latents_std together, and not with shift_factor "
@@ -89,7 +89,7 @@ class VAEConfig:
             block_out_channels=channels,
             layers_per_block=c.get("layers_per_block", 1, int),
             norm_num_groups=c.get("norm_num_groups", 32, int),
-            act_fn=c.get("act_fn", "silu", str),
+            act_fn=c.choice("act_fn", "silu", ACTIVATIONS),
             scaling_factor=c.get("scaling_factor", 0.18215, float),
             shift_factor=c.optional("shift_factor", float),
             latents_mean=mean,
@@ -104,9 +104,7 @@ class VAEConfig:
         return result
 
     def check(self, where) -> None:
-        if self.act_fn not in ACTIVATIONS:
-            raise UserError(f"{where}: act_fn = {show(self.act_fn)} is not supported by sdlite "
-                            f"(only {', '.join(ACTIVATIONS)})")
+        """Values that fit each other: positive sizes, GroupNorm groups that divide the widths, no scale of 0."""
         sizes = [self.in_channels, self.out_channels, self.latent_channels, self.layers_per_block,
                  self.norm_num_groups, self.sample_size, *self.block_out_channels]
         if min(sizes) < 1 or any(width % self.norm_num_groups for width in self.block_out_channels):
