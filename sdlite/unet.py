@@ -153,6 +153,30 @@ class UNetConfig:
         config.check(where)
         return config
 
+    def to_json(self) -> dict:
+        """The diffusers unet/config.json keys that from_json reads back to this config (one value for a per-level key
+        that is the same at every level)."""
+        def once_or_per_level(values: tuple):
+            return values[0] if len(set(values)) == 1 else list(values)
+        return {
+            "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "block_out_channels": list(self.block_out_channels),
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.attention_levels],
+            "mid_block_type": "UNetMidBlock2DCrossAttn" if self.mid_block else None,
+            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.up_attention_levels)],
+            "layers_per_block": once_or_per_level(self.layers_per_block),
+            "attention_head_dim": list(self.heads),
+            "transformer_layers_per_block": once_or_per_level(self.transformer_depth),
+            "cross_attention_dim": once_or_per_level(self.cross_attention_dim),
+            "only_cross_attention": once_or_per_level(self.only_cross_attention),
+            "use_linear_projection": self.use_linear_projection, "upcast_attention": self.upcast_attention,
+            "norm_num_groups": self.norm_num_groups, "norm_eps": self.norm_eps, "act_fn": self.act_fn,
+            "downsample_padding": self.downsample_padding, "mid_block_scale_factor": self.mid_block_scale_factor,
+            "flip_sin_to_cos": self.flip_sin_to_cos, "freq_shift": self.freq_shift,
+            "conv_in_kernel": self.conv_in_kernel, "conv_out_kernel": self.conv_out_kernel,
+            "center_input_sample": self.center_input_sample,
+        }
+
     def check(self, where) -> None:
         """Values that fit each other: GroupNorm groups and attention heads divide the widths, positive sizes."""
         sizes = {"in_channels": [self.in_channels], "out_channels": [self.out_channels],

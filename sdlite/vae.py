@@ -103,6 +103,21 @@ class VAEConfig:
         result.check(where)
         return result
 
+    def to_json(self) -> dict:
+        """The diffusers vae/config.json keys that from_json reads back to this config."""
+        levels = len(self.block_out_channels)
+        return {
+            "in_channels": self.in_channels, "out_channels": self.out_channels, "latent_channels": self.latent_channels,
+            "block_out_channels": list(self.block_out_channels), "layers_per_block": self.layers_per_block,
+            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "norm_num_groups": self.norm_num_groups, "act_fn": self.act_fn, "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+            "latents_mean": self.latents_mean and list(self.latents_mean),
+            "latents_std": self.latents_std and list(self.latents_std),
+            "sample_size": self.sample_size, "force_upcast": self.force_upcast, "use_quant_conv": self.use_quant_conv,
+            "use_post_quant_conv": self.use_post_quant_conv, "mid_block_add_attention": self.mid_block_add_attention,
+        }
+
     def check(self, where) -> None:
         """Values that fit each other: positive sizes, GroupNorm groups that divide the widths, no scale of 0."""
         sizes = [self.in_channels, self.out_channels, self.latent_channels, self.layers_per_block,

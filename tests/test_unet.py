@@ -178,3 +178,10 @@ def test_wrong_types_and_values_are_one_line(change, named):
     with pytest.raises(UserError) as e:
         UNetConfig.from_json(config, "unet/config.json")
     assert "\n" not in str(e.value) and named in str(e.value)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_to_json_reads_back_to_the_same_config(name):
+    """What `train` writes into a saved folder's unet/config.json."""
+    config = UNetConfig.from_json(Case(name).config_json)
+    assert UNetConfig.from_json(config.to_json()) == config

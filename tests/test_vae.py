@@ -187,3 +187,10 @@ def test_wrong_keys_types_and_values_are_one_line(change, named):
     with pytest.raises(UserError) as e:
         VAEConfig.from_json({**config_json, **change}, "some/vae/config.json")
     assert "\n" not in str(e.value) and named in str(e.value) and "some/vae/config.json" in str(e.value)
+
+
+@pytest.mark.parametrize("name", CONFIG_CASES)
+def test_to_json_reads_back_to_the_same_config(name):
+    """What `train` writes into a saved folder's vae/config.json."""
+    config = config_case(name)[1].config
+    assert VAEConfig.from_json(config.to_json()) == config
