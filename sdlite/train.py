@@ -323,6 +323,8 @@ def train_text_to_image(pipe: Pipeline, images: torch.Tensor, captions: list[str
     what its scheduler config's prediction_type says; sample grids show `prompts`. Returns the pipeline with the EMA
     weights."""
     scale = pipe.vae.config.scaling_factor
+    if pipe.vae.config.shift_factor is not None or pipe.vae.config.latents_mean is not None:
+        raise UserError("training on a VAE whose config.json has shift_factor or latents_mean is not supported")
     mean, std = encode(pipe.vae, images)
     ids, empty_ids = pipe.tokenizer(captions), pipe.tokenizer([""])
     prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdlite import UserError, onednn
+from sdlite import UserError, checkpoint, onednn
 from sdlite.unet import UNET_IMPLEMENTED, UNET_REFUSED, UNet, UNetConfig, unet_from_ldm
 from sdlite.weights import read_safetensors
 
@@ -185,3 +185,14 @@ def test_to_json_reads_back_to_the_same_config(name):
     """What `train` writes into a saved folder's unet/config.json."""
     config = UNetConfig.from_json(Case(name).config_json)
     assert UNetConfig.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize("name", ["groups8", "nomid"])
+def test_unet_folder_loads_through_the_loader(name, tmp_path):
+    """unet/config.json and diffusion_pytorch_model.safetensors read and built as checkpoint.load_folder does."""
+    case = Case(name)
+    (tmp_path / "config.json").write_text(json.dumps(case.config_json))
+    save_file(case.diffusers_weights(), tmp_path / "diffusion_pytorch_model.safetensors")
+    config = UNetConfig.from_json(checkpoint.read_json(tmp_path / "config.json"), tmp_path / "config.json")
+    weights = checkpoint.read_state_dict(checkpoint.weights_file(tmp_path, "diffusion_pytorch_model"), torch.float32)
+    assert_matches_reference(checkpoint.build(UNet, config, weights, tmp_path), case)
