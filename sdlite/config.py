@@ -18,6 +18,9 @@ ACTIVATIONS = {
 }
 
 
+KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
 def show(value) -> str:
     return json.dumps(value)
 
@@ -47,7 +50,7 @@ class ConfigFile:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            self.fail(key, f"a {kind.__name__}")
+            self.fail(key, KINDS[kind])
         return value
 
     def choice(self, key: str, default: str, options) -> str:
@@ -62,13 +65,10 @@ class ConfigFile:
         """The value of `key`, or None if absent or null."""
         return None if self.values.get(key) is None else self.get(key, None, kind)
 
-    def required(self, key: str, kind: type):
-        return self.get(key, None, kind)
-
     def list_of(self, key: str, default, kind: type, length: int | None = None) -> tuple:
         """A list of `kind` (of `length` items if given) as a tuple. Ints do for floats."""
         value = self.values.get(key, default)
-        what = f"a list of {length or 'some'} {kind.__name__}s"
+        what = f"a list of {length or 'some'} values, each {KINDS[kind]}"
         if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length) or not value:
             self.fail(key, what)
         kinds = (int, float) if kind is float else kind

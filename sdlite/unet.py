@@ -54,6 +54,7 @@ DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}   # block type
 UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
 
+
 def per_level(value, levels: int) -> tuple:
     """A value given once for all levels, or one per level, as a tuple of one per level."""
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * levels
@@ -107,10 +108,11 @@ class UNetConfig:
         """From a diffusers unet/config.json; a key sdlite cannot honour, or a value of the wrong type, is a
         UserError naming it."""
         c = ConfigFile(cfg, where, UNET_IMPLEMENTED, UNET_REFUSED)
-        channels = c.list_of("block_out_channels", None, int)
+        # absent keys take the reference's defaults (SD 1.x's layout)
+        channels = c.list_of("block_out_channels", [320, 640, 1280, 1280], int)
         levels = len(channels)
-        down = c.list_of("down_block_types", None, str, levels)
-        up = c.list_of("up_block_types", None, str, levels)
+        down = c.list_of("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], str, levels)
+        up = c.list_of("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, str, levels)
         for key, types, kinds in (("down_block_types", down, DOWN_TYPES), ("up_block_types", up, UP_TYPES)):
             if unknown := [t for t in types if t not in kinds]:
                 raise UserError(f"{where}: {key} has {unknown[0]}, which sdlite does not implement "
@@ -126,8 +128,8 @@ class UNetConfig:
         c.optional("sample_size", int)   # the loader's default image size (a [height, width] list is refused)
         # diffusers quirk: in SD configs "attention_head_dim" is the number of heads (8, or [5, 10, 20, 20] in SD 2)
         config = cls(
-            in_channels=c.required("in_channels", int),
-            out_channels=c.required("out_channels", int),
+            in_channels=c.get("in_channels", 4, int),
+            out_channels=c.get("out_channels", 4, int),
             block_out_channels=channels,
             layers_per_block=c.per_level("layers_per_block", 2, int, levels),
             attention_levels=tuple(DOWN_TYPES[t] for t in down),
