@@ -6,6 +6,7 @@ default (REFUSED: key -> the values that change nothing). `ConfigFile` checks a 
 the file is one line naming the file, the key and the value, not a traceback.
 """
 import json
+import math
 
 import torch.nn.functional as F
 
@@ -18,7 +19,7 @@ ACTIVATIONS = {
 }
 
 
-KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+KINDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
 
 
 def show(value) -> str:
@@ -26,6 +27,8 @@ def show(value) -> str:
 
 
 class ConfigFile:
+    """One parsed config.json, checked key by key on construction; its getters check the values' types."""
+
     def __init__(self, values: dict, where, implemented: set[str], refused: dict[str, tuple]):
         if not isinstance(values, dict):
             raise UserError(f"{where}: a config must be a JSON object, not {show(values)[:40]}")
@@ -45,12 +48,14 @@ class ConfigFile:
         raise UserError(f"{self.where}: {key} must be {wanted}, not {show(self.values[key])[:40]}")
 
     def get(self, key: str, default, kind: type):
-        """The value of `key` (`default` if absent): an int, float, bool or str. An int does for a float."""
+        """The value of `key` (`default` if absent): an int, a finite float, a bool or a str. An int does for a float."""
         value = self.values.get(key, default)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             self.fail(key, KINDS[kind])
+        if kind is float and not math.isfinite(value):
+            self.fail(key, KINDS[float])
         return value
 
     def choice(self, key: str, default: str, options) -> str:
@@ -73,7 +78,7 @@ class ConfigFile:
             self.fail(key, what)
         kinds = (int, float) if kind is float else kind
         if not all(isinstance(v, kinds) and not isinstance(v, bool) or kind is bool and isinstance(v, bool)
-                   for v in value):
+                   for v in value) or (kind is float and not all(math.isfinite(v) for v in value)):
             self.fail(key, what)
         return tuple(kind(v) for v in value)
 

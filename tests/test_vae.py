@@ -181,6 +181,8 @@ def test_every_implemented_key_is_tested_at_a_value_other_than_the_default():
     ({"latents_mean": [0.0, 1.0]}, "latents_mean"),
     ({"shift_factor": 0.1}, "shift_factor"),
     ({"force_upcast": "no"}, "force_upcast"),
+    ({"scaling_factor": float("nan")}, "scaling_factor"),
+    ({"latents_std": [1.0, float("inf"), 1.0, 1.0]}, "latents_std"),
 ])
 def test_wrong_keys_types_and_values_are_one_line(change, named):
     config_json, _, _ = config_case("normalised")
