@@ -48,7 +48,8 @@ class ConfigFile:
         raise UserError(f"{self.where}: {key} must be {wanted}, not {show(self.values[key])[:40]}")
 
     def get(self, key: str, default, kind: type):
-        """The value of `key` (`default` if absent): an int, a finite float, a bool or a str. An int does for a float."""
+        """The value of `key` (`default` if absent): an int, a finite float, a bool or a str (an int does for a
+        float)."""
         value = self.values.get(key, default)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
