@@ -7,9 +7,10 @@ import torch.nn.functional as F
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-              causal: bool = False, upcast: bool = False) -> torch.Tensor:
+              causal: bool = False, upcast: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """q: (B, N, C), k and v: (B, M, C) -> (B, N, C), with C split into `heads` heads.
 
+    `mask` (B, N, M) bool, True where a query may attend to a key, replaces `causal` when given.
     `upcast` computes in fp32 whatever the input dtype (SD 2.x's UNet asks for it: its fp16 attention overflows).
     """
     b, n, c = q.shape
@@ -17,5 +18,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     q, k, v = (t.reshape(b, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, d)
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if mask is not None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return out.transpose(1, 2).reshape(b, n, c).to(dtype)

@@ -47,6 +47,8 @@ def load(model: str | Path, dtype: torch.dtype = torch.float32, device: str | to
     check_device(device)
     path = resolve(model)
     pipe = load_folder(path, dtype) if path.is_dir() else load_single_file(path, dtype)
+    # the file A1111's "Model hash" is of; a folder's UNet weights stand for the folder
+    pipe.model_file = weights_file(path / "unet", "diffusion_pytorch_model") if path.is_dir() else path
     if prediction_type is not None:
         pipe.scheduler_config["prediction_type"] = prediction_type
     return pipe.to(device=device, dtype=dtype)
@@ -169,7 +171,7 @@ def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
         vae=build(AutoencoderKL, vae_config, vae_sd, path / "vae"),
         scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
         family="sd2" if text_config.hidden_act == "gelu" else "sd1",
-        default_size=sample_size(unet_json, path / "unet" / "config.json") * vae_config.downscale,
+        default_size=(unet_json.get("sample_size") or 64) * vae_config.downscale,   # an int: UNetConfig checks it
         name=path.name)
 
 
@@ -193,21 +195,12 @@ def read_json(path: Path) -> dict:
 def read_config(config_class, data: dict, path: Path):
     """config_class.from_json(data), a value of the wrong type or range refused naming the file."""
     try:
-        return config_class.from_json(data)
+        return config_class.from_json(data, path)
     except UserError:
         raise
     except MALFORMED as e:
         raise UserError(f"{path}: a missing key or a value of the wrong type ({type(e).__name__}: "
                         f"{str(e)[:120]})") from None
-
-
-def sample_size(unet_json: dict, path: Path) -> int:
-    size = unet_json.get("sample_size", 64)
-    if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:  # diffusers also writes [side, side]
-        size = size[0]
-    if type(size) is not int or size < 1:
-        raise UserError(f"{path}: sample_size must be a positive integer, not {str(size)[:40]}")
-    return size
 
 
 def read_tokenizer(folder: Path) -> Tokenizer:
@@ -253,9 +246,9 @@ def build(module_class, config, state_dict: dict[str, torch.Tensor], where: Path
                         f"{str(e)[:120]})") from None
     try:
         missing, unexpected = module.load_state_dict(state_dict, strict=False, assign=True)
-    except RuntimeError as e:   # a tensor of the wrong shape
-        problem = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e)[:200])
-        raise UserError(f"{where}: weights do not fit the inferred architecture ({problem})") from None
+    except RuntimeError as e:   # a tensor of another shape than the config's widths give
+        mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise UserError(f"{where}: the weights do not fit the config ({mismatch})") from None
     if missing or unexpected:
         raise UserError(f"{where}: weights do not fit the inferred architecture "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

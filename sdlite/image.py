@@ -3,9 +3,13 @@ AUTOMATIC1111's "PNG Info" reads (key "parameters"):
 
     a castle
     Negative prompt: blurry
-    Steps: 30, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: v1-5-pruned-emaonly
+    Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 512x512,
+    Model hash: 6ce0161689, Model: v1-5-pruned-emaonly
+(the last two lines are one line in the file).
 """
 import errno
+import hashlib
+import json
 import os
 import secrets
 import stat
@@ -19,19 +23,81 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .errors import UserError
 
-# sdlite's scheduler names as AUTOMATIC1111 writes them
-SAMPLER_NAMES = {"pndm": "PLMS", "lms": "LMS", "ddim": "DDIM", "unipc": "UniPC", "euler": "Euler",
-                 "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras", "ddpm": "DDPM"}
+# sdlite's schedulers as AUTOMATIC1111 >= 1.9 names them: its sampler and its "Schedule type". DDIM, PLMS and UniPC
+# run on timesteps in A1111, where a schedule type does not apply (it writes none that means anything); Euler, Euler a,
+# LMS and DPM++ 2M step through sigmas spaced as the timesteps are ("Uniform") or Karras's. A1111 has no DDPM: its
+# name is written as it is, which A1111's parser keeps as the sampler's name.
+SAMPLER_NAMES = {"pndm": ("PLMS", None), "lms": ("LMS", "Uniform"), "ddim": ("DDIM", None),
+                 "unipc": ("UniPC", None), "euler": ("Euler", "Uniform"), "euler_a": ("Euler a", "Uniform"),
+                 "dpmpp_2m": ("DPM++ 2M", "Uniform"), "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
+                 "ddpm": ("DDPM", None)}
+HASH_CACHE = "model-hashes.json"
+
+
+def quote(value) -> str:
+    """A value as A1111 writes it into the key-value line: JSON-quoted when a `,` `:` or newline would cut it."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
 def generation_parameters(prompt: str, negative_prompt: str, fields: dict) -> str:
-    """The "parameters" text: the prompt, the negative prompt, then `Key: value` pairs on one line."""
-    fields = {k: SAMPLER_NAMES.get(v, v) if k == "Sampler" else v for k, v in fields.items()}
+    """The "parameters" text as A1111 writes it: the prompt as typed, `Negative prompt: ...` when there is one, then
+    `Key: value` pairs on one line. A "Sampler" of sdlite's is written as A1111's sampler and schedule type; fields
+    whose value is None are left out."""
+    pairs = {}
+    for key, value in fields.items():
+        if key == "Sampler":
+            pairs["Sampler"], pairs["Schedule type"] = SAMPLER_NAMES.get(value, (value, None))
+        else:
+            pairs[key] = value
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{key}: {value}" for key, value in fields.items()))
+    lines.append(", ".join(f"{key}: {quote(value)}" for key, value in pairs.items() if value is not None))
     return "\n".join(lines)
+
+
+def cache_folder() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdlite"
+
+
+def model_hash(path: Path | None) -> str | None:
+    """A1111's "Model hash": the first 10 hex digits of the file's SHA-256. Hashing a 4 GB file takes seconds, so the
+    full hash is kept in ~/.cache/sdlite/model-hashes.json under the file's path, beside its size and mtime, and
+    computed again only when either changes. None for no file, or one that can no longer be read (moved since it was
+    loaded): the PNG then goes without the hash rather than the images being lost."""
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    cache_file = cache_folder() / HASH_CACHE
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(str(path))
+    if entry is None or entry["size"] != stat.st_size or entry["mtime"] != stat.st_mtime_ns:
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError:
+            return None
+        cache = {name: e for name, e in cache.items() if Path(name).exists()}   # files deleted since are forgotten
+        entry = cache[str(path)] = {"size": stat.st_size, "mtime": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+        try:  # the cache is a convenience: a read-only home only costs the hashing next time
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".part")
+            with os.fdopen(fd, "w") as f:
+                json.dump(cache, f, indent=1)
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass
+    return entry["sha256"][:10]
 
 
 def save_png(image: Image.Image, path: str | Path, overwrite: bool = False) -> None:

@@ -6,7 +6,7 @@
         eps = unet(scale(x, t), t, [uncond, cond])                  one call on the doubled batch
         eps = eps_uncond + g * (eps_cond - eps_uncond)
         x = scheduler.step(eps, t, x)
-    image = vae.decode(x / scaling_factor)
+    image = vae.decode(vae.unscale_latents(x))                     x / scaling_factor in SD
 
 All randomness comes from one torch.Generator seeded once, drawn in the reference's order, so a seed means the same
 image as in diffusers. The UNet and the VAE run `streaming` (weights.py): each layer hands the pages of its
@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from . import schedulers
+from . import lora, schedulers
 from .clip import CLIPTextModel
+from .embeddings import add_embedding
 from .errors import UserError
-from .image import generation_parameters, open_rgb, paste_unmasked, to_tensor
+from .image import generation_parameters, model_hash, open_rgb, paste_unmasked, to_tensor
 from .onednn import pack_convolutions
+from .prompts import encode_prompts
 from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import AutoencoderKL
@@ -58,15 +60,29 @@ class Pipeline:
         self.family = family                      # "sd1" or "sd2"
         self.default_size = default_size          # the image side the model was trained at, in pixels
         self.name = name
+        self.model_file: Path | None = None       # the weights file whose hash the PNGs carry (checkpoint.load sets it)
         self.vae_scale = vae.config.downscale
         # The sampling loop runs the UNet's convolutions on weights packed for oneDNN (onednn.py); False runs plain
         # nn.Conv2d, whose fp32 results are bit-identical to diffusers' UNet instead of equal to float rounding.
         self.packed_convolutions = True
 
     def to(self, device=None, dtype=None) -> "Pipeline":
-        for module in (self.text_encoder, self.unet, self.vae):
+        for module in (self.text_encoder, self.unet):
             module.to(device=device, dtype=dtype)
+        self.vae.to(device=device, dtype=dtype and self.vae.upcast_for(dtype))   # float32 if force_upcast
         return self
+
+    def load_embedding(self, path: str | Path, token: str | None = None) -> str:
+        """Add a textual-inversion embedding (embeddings.py); -> the token that calls it in prompts."""
+        return add_embedding(self.tokenizer, self.text_encoder, Path(path), token)
+
+    def load_lora(self, path: str | Path, weight: float = 1.0) -> None:
+        """Merge a LoRA into the UNet's and the text encoder's weights (lora.py); unload_loras takes all out."""
+        lora.merge({"unet": self.unet, "text_encoder": self.text_encoder}, Path(path), weight)
+
+    def unload_loras(self) -> None:
+        """The weights as they were before the first load_lora, exactly (the very tensors, on their device)."""
+        lora.unmerge({"unet": self.unet, "text_encoder": self.text_encoder})
 
     @property
     def dtype(self) -> torch.dtype:
@@ -88,14 +104,14 @@ class Pipeline:
     def txt2img(self, prompt: str, negative_prompt: str = "", steps: int = 50, guidance_scale: float = 7.5,
                 width: int | None = None, height: int | None = None, seed: int | None = None,
                 scheduler: str | None = None, batch_size: int = 1, progress: Progress | None = None,
-                guidance_rescale: float = 0.0) -> list[Image.Image]:
+                guidance_rescale: float = 0.0, prompt_syntax: str = "plain", clip_skip: int = 1) -> list[Image.Image]:
         """Images from pure noise (as diffusers' StableDiffusionPipeline)."""
         if self.unet.config.in_channels != 4:
             raise UserError("this is an inpainting checkpoint (9 input channels): use inpaint")
         width = self.default_size if width is None else width
         height = self.default_size if height is None else height
         run = self.start(prompt, negative_prompt, steps, guidance_scale, width, height, seed, scheduler, batch_size,
-                         guidance_rescale=guidance_rescale)
+                         guidance_rescale=guidance_rescale, prompt_syntax=prompt_syntax, clip_skip=clip_skip)
         timesteps = run.sampler.set_timesteps(steps)
         noise = torch.randn(self.latent_shape(batch_size, width, height), generator=run.generator, dtype=self.dtype)
         x = noise.to(self.device) * run.sampler.init_sigma
@@ -105,15 +121,15 @@ class Pipeline:
     @torch.no_grad()
     def img2img(self, prompt: str, image: ImageInput, strength: float = 0.8, negative_prompt: str = "",
                 steps: int = 50, guidance_scale: float = 7.5, seed: int | None = None, scheduler: str | None = None,
-                batch_size: int = 1, progress: Progress | None = None,
-                guidance_rescale: float = 0.0) -> list[Image.Image]:
+                batch_size: int = 1, progress: Progress | None = None, guidance_rescale: float = 0.0,
+                prompt_syntax: str = "plain", clip_skip: int = 1) -> list[Image.Image]:
         """Images that start from `image` noised to the timestep `strength` picks (SDEdit, Meng et al. 2022): the
         last strength * steps steps of the schedule are run (as diffusers' StableDiffusionImg2ImgPipeline)."""
         if self.unet.config.in_channels != 4:
             raise UserError("this is an inpainting checkpoint (9 input channels): use inpaint")
         image = self.fit(open_rgb(image))
         run = self.start(prompt, negative_prompt, steps, guidance_scale, *image.size, seed, scheduler, batch_size,
-                         strength, guidance_rescale)
+                         strength, guidance_rescale, prompt_syntax=prompt_syntax, clip_skip=clip_skip)
         timesteps = self.partial_timesteps(run.sampler, steps, strength)
         x0 = self.encode_image(to_tensor(image), run.generator).repeat(batch_size, 1, 1, 1)
         noise = torch.randn(x0.shape, generator=run.generator, dtype=self.dtype).to(self.device)
@@ -125,8 +141,8 @@ class Pipeline:
     def inpaint(self, prompt: str, image: ImageInput, mask: ImageInput, strength: float = 1.0,
                 negative_prompt: str = "", steps: int = 50, guidance_scale: float = 7.5, seed: int | None = None,
                 scheduler: str | None = None, batch_size: int = 1, mask_blur: float = 0,
-                keep_unmasked: bool = False, progress: Progress | None = None,
-                guidance_rescale: float = 0.0) -> list[Image.Image]:
+                keep_unmasked: bool = False, progress: Progress | None = None, guidance_rescale: float = 0.0,
+                prompt_syntax: str = "plain", clip_skip: int = 1) -> list[Image.Image]:
         """Repaint the white part of `mask`, keep the black part (as diffusers' StableDiffusionInpaintPipeline).
 
         A 9-channel inpainting UNet sees the mask and the masked image's latents beside x at every step; a
@@ -150,7 +166,8 @@ class Pipeline:
         if not m.any():
             raise UserError("the mask is all black: nothing to repaint (white marks the region to repaint)")
         run = self.start(prompt, negative_prompt, steps, guidance_scale, *image.size, seed, scheduler, batch_size,
-                         strength, guidance_rescale, inpainting=True)
+                         strength, guidance_rescale, inpainting=True, prompt_syntax=prompt_syntax,
+                         clip_skip=clip_skip)
         timesteps = self.partial_timesteps(run.sampler, steps, strength)
         nine_channels = self.unet.config.in_channels == 9
 
@@ -179,8 +196,9 @@ class Pipeline:
 
     def start(self, prompt: str, negative_prompt: str, steps: int, guidance_scale: float, width: int, height: int,
               seed: int | None, scheduler: str | None, batch_size: int, strength: float | None = None,
-              guidance_rescale: float = 0.0, inpainting: bool = False) -> "Run":
-        """Check the settings, seed the generator, build the sampler and encode the prompts."""
+              guidance_rescale: float = 0.0, inpainting: bool = False, prompt_syntax: str = "plain",
+              clip_skip: int = 1) -> "Run":
+        """Check the settings, seed the generator, build the sampler and encode the prompts (prompts.py)."""
         scheduler = scheduler or self.default_scheduler
         self.check(steps=steps, width=width, height=height, scheduler=scheduler, batch_size=batch_size)
         if strength is not None and not 0 <= strength <= 1:
@@ -190,15 +208,14 @@ class Pipeline:
             raise UserError(f"guidance rescale must be between 0 and 1, not {guidance_rescale}")
         seed = random.randrange(2**32) if seed is None else seed
         fields = {"Steps": steps, "Sampler": scheduler, "CFG scale": guidance_scale, "Seed": seed,
-                  "Size": f"{width}x{height}", "Model": self.name}
-        if strength is not None:
-            fields["Denoising strength"] = strength
-        if guidance_rescale:
-            fields["Guidance rescale"] = guidance_rescale
+                  "Size": f"{width}x{height}", "Model hash": model_hash(self.model_file), "Model": self.name,
+                  "Denoising strength": strength, "Clip skip": clip_skip if clip_skip > 1 else None,
+                  "Guidance rescale": guidance_rescale or None}
         return Run(sampler=self.sampler(scheduler, steps, inpainting), guidance_rescale=guidance_rescale,
                    generator=torch.Generator("cpu").manual_seed(seed),
-                   context=self.encode_prompt(prompt, negative_prompt, batch_size, guidance_scale),
-                   parameters=generation_parameters(prompt, negative_prompt, fields))
+                   context=self.encode_prompt(prompt, negative_prompt, batch_size, guidance_scale,
+                                              prompt_syntax, clip_skip),
+                   parameters=generation_parameters(prompt, negative_prompt if guidance_scale > 1 else "", fields))
 
     def check(self, steps: int, width: int, height: int, scheduler: str, batch_size: int) -> None:
         if scheduler not in schedulers.NAMES:
@@ -268,17 +285,20 @@ class Pipeline:
 
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(1, 3, H, W) pixels in [-1, 1] -> (1, 4, H/8, W/8) latents: a sample of the VAE's posterior, scaled."""
+        vae_dtype = self.vae.upcast_for(self.dtype)
         with streaming(self.vae):
-            posterior = self.vae.encode(pixels.to(self.device, self.dtype))
-        return self.vae.config.scaling_factor * posterior.sample(generator)
+            posterior = self.vae.encode(pixels.to(self.device, vae_dtype))
+        return self.vae.scale_latents(posterior.sample(generator)).to(self.dtype)
 
-    def encode_prompt(self, prompt: str, negative_prompt: str, batch_size: int, guidance_scale: float) -> torch.Tensor:
-        """(2B, 77, D): B copies of the negative prompt's context, then B of the prompt's; (B, 77, D) without guidance."""
-        prompts = [negative_prompt or "", prompt] if guidance_scale > 1 else [prompt]
-        # one text-encoder call per prompt, as the reference makes them
-        contexts = [self.text_encoder(self.tokenizer([p]).to(self.device)) for p in prompts]
-        release(self.text_encoder)  # after both calls: streaming would read its pages back for the second one
-        return torch.cat([c.repeat(batch_size, 1, 1) for c in contexts])
+    def encode_prompt(self, prompt: str, negative_prompt: str, batch_size: int, guidance_scale: float,
+                      prompt_syntax: str = "plain", clip_skip: int = 1) -> torch.Tensor:
+        """(2B, 77*k, D): B copies of the negative prompt's context, then B of the prompt's; (B, 77*k, D) without
+        guidance (prompts.py; k > 1 for long a1111 prompts)."""
+        negative = (negative_prompt or "") if guidance_scale > 1 else None
+        context = encode_prompts(self.tokenizer, self.text_encoder, prompt, negative, batch_size, prompt_syntax,
+                                 clip_skip)
+        release(self.text_encoder)  # after both prompts: streaming would read its pages back for the second one
+        return context
 
     def denoise(self, x: torch.Tensor, run: "Run", timesteps: torch.Tensor, guidance_scale: float,
                 progress: Progress | None, extra_channels: torch.Tensor | None = None,
@@ -316,7 +336,8 @@ class Pipeline:
     def decode(self, x: torch.Tensor, parameters: str) -> list[Image.Image]:
         """Latents -> uint8 RGB images, rounded as the reference rounds them."""
         with streaming(self.vae):
-            pixels = self.vae.decode(x / self.vae.config.scaling_factor)      # (B, 3, H, W) in [-1, 1]
+            z = self.vae.unscale_latents(x).to(self.vae.upcast_for(self.dtype))
+            pixels = self.vae.decode(z)                                        # (B, 3, H, W) in [-1, 1]
         self.check_finite(pixels, "the decoded image")
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         images = []

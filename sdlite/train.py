@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,6 +42,7 @@ from .clip import CLIPTextConfig, CLIPTextModel
 from .errors import UserError
 from .image import open_rgb
 from .pipeline import Pipeline, check_text
+from .progress import Progress
 from .schedulers.schedule import TrainingSchedule, alphas_cumprod
 from .tokenizer import Tokenizer
 from .unet import UNet, UNetConfig
@@ -177,16 +177,14 @@ class Trainer:
         log = self.out / f"{self.name}-loss.csv"
         if not log.exists():
             log.write_text("step,loss,lr\n")
-        start, first, losses = time.perf_counter(), self.step, []
+        progress, losses = Progress(self.name, start=self.step), []
         while self.step < until:
             losses.append(self.train_step())
             if self.step % cfg.log_every == 0 or self.step == until:
                 lr = self.lr_schedule.get_last_lr()[0]
                 with log.open("a") as f:
                     f.write(f"{self.step},{np.mean(losses):.5f},{lr:.3g}\n")
-                rate = (self.step - first) / (time.perf_counter() - start)
-                print(f"{self.name} step {self.step}/{until}  loss {np.mean(losses):.4f}  lr {lr:.2g}  "
-                      f"{rate:.2f} steps/s, {(until - self.step) / rate / 60:.1f} min left", flush=True)
+                progress(self.step, until, f"loss {np.mean(losses):.4f}  lr {lr:.2g}")
                 losses = []
             if self.step % cfg.save_every == 0 or self.step == until:
                 self.save()
@@ -253,7 +251,7 @@ def pixel_loss(images: torch.Tensor, alpha_bar: torch.Tensor, batch_size: int) -
 
 
 def null_context(unet: UNet, batch_size: int) -> torch.Tensor:
-    return torch.zeros(batch_size, 1, unet.config.cross_attention_dim)
+    return torch.zeros(batch_size, 1, unet.config.cross_attention_dim[-1])
 
 
 # --- data ---
@@ -332,6 +330,8 @@ def train_text_to_image(pipe: Pipeline, images: torch.Tensor, captions: list[str
     what its scheduler config's prediction_type says; sample grids show `prompts`. Returns the pipeline with the EMA
     weights."""
     scale = pipe.vae.config.scaling_factor
+    if pipe.vae.config.shift_factor is not None or pipe.vae.config.latents_mean is not None:
+        raise UserError("training on a VAE whose config.json has shift_factor or latents_mean is not supported")
     mean, std = encode(pipe.vae, images)
     ids, empty_ids = pipe.tokenizer(captions), pipe.tokenizer([""])
     prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
@@ -343,8 +343,12 @@ def train_text_to_image(pipe: Pipeline, images: torch.Tensor, captions: list[str
     def sample(ema: TextToImage) -> Image.Image:  # each prompt in a column, two seeds
         sampling = Pipeline(pipe.tokenizer, ema.text_encoder, ema.unet, pipe.vae, pipe.scheduler_config,
                             pipe.family, pipe.default_size, pipe.name)
-        return grid([image for seed in (0, 1) for prompt in prompts
-                     for image in sampling.txt2img(prompt, steps=20, seed=seed)], columns=len(prompts))
+        runs, images = [(seed, prompt) for seed in (0, 1) for prompt in prompts], []
+        progress = Progress("samples", "image")
+        for seed, prompt in runs:
+            images += sampling.txt2img(prompt, steps=20, seed=seed)
+            progress(len(images), len(runs))
+        return grid(images, columns=len(prompts))
 
     loss = text_to_image_loss((mean * scale, std * scale), ids, empty_ids, alpha_bar, prediction_type,
                               config.batch_size)
@@ -420,31 +424,15 @@ def save_folder(pipe: Pipeline, out: Path, dtype: torch.dtype = torch.float16) -
 
 
 def save_unet(unet: UNet, folder: Path, sample_size: int, dtype: torch.dtype) -> None:
-    c = unet.config
     write_json(folder / "config.json", {
         "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1", "sample_size": sample_size,
-        "in_channels": c.in_channels, "out_channels": c.out_channels, "block_out_channels": list(c.block_out_channels),
-        "layers_per_block": c.layers_per_block,
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in c.attention_levels],
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(c.attention_levels)],
-        "attention_head_dim": list(c.heads), "transformer_layers_per_block": c.transformer_depth,
-        "cross_attention_dim": c.cross_attention_dim, "use_linear_projection": c.use_linear_projection,
-        "upcast_attention": c.upcast_attention, "norm_num_groups": 32, "norm_eps": 1e-5, "act_fn": "silu",
-        "flip_sin_to_cos": True, "freq_shift": 0, "center_input_sample": False, "downsample_padding": 1,
-        "mid_block_scale_factor": 1})
+        **unet.config.to_json()})
     save_weights(unet, folder / "diffusion_pytorch_model.safetensors", dtype)
 
 
 def save_vae(vae: AutoencoderKL, folder: Path, dtype: torch.dtype) -> None:
-    c = vae.config
     write_json(folder / "config.json", {
-        "_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", "sample_size": c.sample_size,
-        "in_channels": c.in_channels, "out_channels": c.out_channels, "latent_channels": c.latent_channels,
-        "block_out_channels": list(c.block_out_channels), "layers_per_block": c.layers_per_block,
-        "down_block_types": ["DownEncoderBlock2D"] * len(c.block_out_channels),
-        "up_block_types": ["UpDecoderBlock2D"] * len(c.block_out_channels),
-        "norm_num_groups": c.norm_num_groups, "act_fn": "silu", "scaling_factor": c.scaling_factor})
+        "_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", **vae.config.to_json()})
     save_weights(vae, folder / "diffusion_pytorch_model.safetensors", dtype)
 
 
@@ -484,11 +472,11 @@ def write_json(path: Path, data: dict) -> None:
 
 # --- the command line ---
 
-def add_command(subparsers) -> None:
-    """The `train` subcommand of python -m sdlite."""
+def add_command(subparsers, formatter_class=argparse.RawDescriptionHelpFormatter) -> None:
+    """The `train` subcommand of python -m sdlite (its --help laid out by formatter_class)."""
     p = subparsers.add_parser("train", help="train a model from scratch, or fine-tune a checkpoint's UNet",
                               description=__doc__.split("\n\n")[1],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=formatter_class)
     p.add_argument("--data", required=True, help="a folder of images with a NAME.txt caption beside each, or "
                                                  "'scenes': sdlite's generated shapes with their captions")
     p.add_argument("--out", required=True, type=Path, help="output folder: the model (diffusers layout), "
@@ -502,13 +490,13 @@ def add_command(subparsers) -> None:
     p.add_argument("--steps", type=int, default=3500, help="UNet training steps")
     p.add_argument("--vae-steps", type=int, default=2000, help="VAE training steps (new latent models)")
     p.add_argument("--batch-size", type=int, default=32, help="UNet batch size")
-    p.add_argument("--vae-batch-size", type=int, default=16)
-    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--vae-batch-size", type=int, default=16, help="VAE batch size")
+    p.add_argument("--vae-lr", type=float, default=2e-3, help="the VAE's peak learning rate")
     p.add_argument("--kl-weight", type=float, default=1e-6, help="weight of the VAE's KL term")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (fine-tuning: use ~1e-5)")
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--warmup-steps", type=int, default=100, help="steps of linear learning-rate warm-up")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the saved EMA weights")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipped to this")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="what the UNet predicts "
                    "(default: epsilon for a new model, the checkpoint's own when fine-tuning)")
     p.add_argument("--train-text-encoder", action="store_true", help="train the text encoder with the UNet "
@@ -517,7 +505,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--sample-every", type=int, default=500, help="steps between sample grids (0: none)")
     p.add_argument("--save-every", type=int, default=500, help="steps between resumable checkpoints")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and noise")
     p.set_defaults(run=run)
 
 

@@ -28,6 +28,15 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_home(tmp_path_factory):
+    """sdlite's cache (model hashes) in a temporary folder, for this process and the CLI subprocesses it starts."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def folders(tmp_path_factory) -> Path:
     """Tokenizer folders written by transformers: sd1/, sd2/ (tokenizer.json) and sd1_legacy/, sd2_legacy/

@@ -231,8 +231,8 @@ def test_pickled_checkpoints_that_are_not_state_dicts(capsys, tmp_path, content,
     ({"vae/config.json": None}, ["vae/config.json is missing"]),
     ({"vae/config.json": "fifo"}, ["vae/config.json: not a regular file"]),
     ({"tokenizer": None}, ["tokenizer is missing"]),
-    ({"tokenizer/vocab.json": b"{\"a\": "}, ["tokenizer", "not a readable CLIP tokenizer"]),
-    ({"tokenizer/merges.txt": None}, ["tokenizer", "not a readable CLIP tokenizer"]),
+    ({"tokenizer/vocab.json": b"{\"a\": "}, ["tokenizer", "not a readable"]),
+    ({"tokenizer/merges.txt": None}, ["tokenizer", "not a readable"]),
     (with_key("scheduler/scheduler_config.json", "beta_schedule", "wobbly"), ["beta_schedule", "wobbly"]),
 ])
 def test_malformed_diffusers_folders(capsys, tmp_path, change, words):

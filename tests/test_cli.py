@@ -1,4 +1,5 @@
 """Bad input: one clear line on stderr, a non-zero exit, no traceback, no output file left behind."""
+import hashlib
 import subprocess
 import sys
 
@@ -117,8 +118,9 @@ def test_cli_writes_png_with_parameters_and_overwrites_only_when_asked(tmp_path,
     assert "3/3 steps" in result.stderr
     image = Image.open(out)
     assert image.size == (40, 48)
+    model_hash = hashlib.sha256((checkpoints / "sd1.safetensors").read_bytes()).hexdigest()[:10]
     assert image.text["parameters"] == ("a castle\nNegative prompt: blurry\nSteps: 3, Sampler: DDIM, CFG scale: 5.0, "
-                                        "Seed: 7, Size: 40x48, Model: sd1")
+                                        f"Seed: 7, Size: 40x48, Model hash: {model_hash}, Model: sd1")
     assert [p.name for p in tmp_path.iterdir()] == ["castle.png"]
 
 

@@ -3,6 +3,7 @@ diffusers' StableDiffusionPipeline, StableDiffusionImg2ImgPipeline and StableDif
 scheduler swapped in by from_config): at most 2 levels apart on any pixel and 0.05 on average. For SD1-like and
 SD2-like (v-prediction) checkpoints, both layouts, 4- and 9-channel inpainting, every sampler, a batch of 2 and
 non-square sizes. The reference images come from make_pipelines.py."""
+import hashlib
 import json
 
 import numpy as np
@@ -104,9 +105,11 @@ def test_parameters_text_is_what_automatic1111_writes(checkpoints):
     pipe = pipeline(checkpoints, "sd2", "folder")
     images = pipe.txt2img("a castle", negative_prompt="blurry", steps=1, guidance_scale=7.0, width=32, height=24,
                           seed=3, scheduler="euler_a", batch_size=2)
+    unet = checkpoints / "sd2" / "unet" / "diffusion_pytorch_model.fp16.safetensors"  # a folder's hash: its UNet's
+    model_hash = hashlib.sha256(unet.read_bytes()).hexdigest()[:10]
     assert [im.info["parameters"] for im in images] == [
-        "a castle\nNegative prompt: blurry\nSteps: 1, Sampler: Euler a, CFG scale: 7.0, Seed: 3, Size: 32x24, "
-        f"Model: sd2, Batch size: 2, Batch pos: {i}" for i in range(2)]
+        "a castle\nNegative prompt: blurry\nSteps: 1, Sampler: Euler a, Schedule type: Uniform, CFG scale: 7.0, "
+        f"Seed: 3, Size: 32x24, Model hash: {model_hash}, Model: sd2, Batch size: 2, Batch pos: {i}" for i in range(2)]
 
 
 def test_progress_is_reported_each_step(checkpoints):
