@@ -160,7 +160,9 @@ def generate(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag}: {'not a regular file' if path.exists() else 'no such file'}: {path}")
     check_text("prompt", args.prompt)                  # before anything tokenizes it
     check_text("negative prompt", args.negative_prompt)
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be at least 1, not {args.threads}")
         torch.set_num_threads(args.threads)
     tagged = []
     if args.prompt_syntax == "a1111":   # <lora:NAME:WEIGHT> is A1111's syntax

@@ -76,6 +76,7 @@ def no_hub(monkeypatch):
     (["--negative-prompt", "bad \udcff bytes"], ["negative prompt", "UTF-8"]),
     (["--width", "65536", "--height", "65536"], ["65536x65536", "GB of working memory", "--vae-tiling"]),
     (["--model", ""], ["--model is empty"]),
+    (["--threads", "-1"], ["--threads", "at least 1"]),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], ["device", "cuda", "not available"])]))
 def test_generation_settings_are_refused(capsys, tmp_path, flags, words):
     out = tmp_path / "a.png"
