@@ -5,7 +5,7 @@
     for t in timesteps:
         eps = unet(scale(x, t), t, [uncond, cond])                  one call on the doubled batch
         eps = eps_uncond + g * (eps_cond - eps_uncond)
-        x = scheduler.step(eps, t, x)
+        x = sampler.step(eps, t, x)
     image = vae.decode(x / scaling_factor)
 
 All randomness comes from one torch.Generator seeded once, drawn in the reference's order, so a seed means the same
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from . import lora, schedulers
+from . import lora, samplers
 from .clip import CLIPTextModel
 from .embeddings import add_embedding
 from .errors import UserError
@@ -42,7 +42,7 @@ ImageInput = Image.Image | str | Path
 @dataclass
 class Run:
     """What one call sets up before its loop."""
-    sampler: object                 # from sdlite.schedulers.make
+    sampler: samplers.Sampler       # from sdlite.samplers.make
     generator: torch.Generator      # seeded once; every random draw of the call comes from it
     context: torch.Tensor           # (2B or B, 77, D) text-encoder output: negative prompt first when guided
     parameters: str                 # the PNG "parameters" text
@@ -89,12 +89,12 @@ class Pipeline:
         return self.unet.conv_in.weight.device
 
     @property
-    def default_scheduler(self) -> str:
+    def default_sampler(self) -> str:
         """The sampler of the checkpoint's own scheduler config."""
         class_name = self.scheduler_config.get("_class_name", "PNDMScheduler")
-        if class_name not in schedulers.CLASS_NAMES:
+        if class_name not in samplers.CLASS_NAMES:
             raise UserError(f"the checkpoint's scheduler {class_name} is not implemented: choose one with --scheduler")
-        return schedulers.CLASS_NAMES[class_name]
+        return samplers.CLASS_NAMES[class_name]
 
     @torch.no_grad()
     def txt2img(self, prompt: str, negative_prompt: str = "", steps: int = 50, guidance_scale: float = 7.5,
@@ -191,7 +191,7 @@ class Pipeline:
               guidance_rescale: float = 0.0, inpainting: bool = False, prompt_syntax: str = "plain",
               clip_skip: int = 1) -> "Run":
         """Check the settings, seed the generator, build the sampler and encode the prompts (prompts.py)."""
-        scheduler = scheduler or self.default_scheduler
+        scheduler = scheduler or self.default_sampler
         self.check(steps=steps, width=width, height=height, scheduler=scheduler, batch_size=batch_size)
         if strength is not None and not 0 <= strength <= 1:
             raise UserError(f"strength must be between 0 and 1, not {strength}")
@@ -202,16 +202,16 @@ class Pipeline:
                   "Size": f"{width}x{height}", "Model hash": model_hash(self.model_file), "Model": self.name,
                   "Denoising strength": strength, "Clip skip": clip_skip if clip_skip > 1 else None,
                   "Guidance rescale": guidance_rescale or None}
-        config = schedulers.as_pipelines_see_it(scheduler, self.scheduler_config, inpainting)
-        return Run(sampler=schedulers.make(scheduler, config), guidance_rescale=guidance_rescale,
+        config = samplers.as_pipelines_see_it(scheduler, self.scheduler_config, inpainting)
+        return Run(sampler=samplers.make(scheduler, config), guidance_rescale=guidance_rescale,
                    generator=torch.Generator("cpu").manual_seed(seed),
                    context=self.encode_prompt(prompt, negative_prompt, batch_size, guidance_scale,
                                               prompt_syntax, clip_skip),
                    parameters=generation_parameters(prompt, negative_prompt if guidance_scale > 1 else "", fields))
 
     def check(self, steps: int, width: int, height: int, scheduler: str, batch_size: int) -> None:
-        if scheduler not in schedulers.NAMES:
-            raise UserError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(schedulers.NAMES)}")
+        if scheduler not in samplers.NAMES:
+            raise UserError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(samplers.NAMES)}")
         if steps < 1:
             raise UserError(f"steps must be at least 1, not {steps}")
         if batch_size < 1:
