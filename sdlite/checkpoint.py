@@ -115,9 +115,10 @@ def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
     if not (path / "model_index.json").is_file():
         raise UserError(f"{path}: not a diffusers folder (no model_index.json)")
     unet_json = read_json(path / "unet" / "config.json")
-    unet_config = UNetConfig.from_json(unet_json)
-    vae_config = VAEConfig.from_json(read_json(path / "vae" / "config.json"))
-    text_config = CLIPTextConfig.from_json(read_json(path / "text_encoder" / "config.json"))
+    unet_config = UNetConfig.from_json(unet_json, path / "unet" / "config.json")
+    vae_config = VAEConfig.from_json(read_json(path / "vae" / "config.json"), path / "vae" / "config.json")
+    text_config = CLIPTextConfig.from_json(read_json(path / "text_encoder" / "config.json"),
+                                           path / "text_encoder" / "config.json")
     text_sd = with_text_model_prefix(read_state_dict(weights_file(path / "text_encoder", "model"), dtype))
     unet_sd = read_state_dict(weights_file(path / "unet", "diffusion_pytorch_model"), dtype)
     vae_sd = read_state_dict(weights_file(path / "vae", "diffusion_pytorch_model"), dtype)
@@ -128,7 +129,7 @@ def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
         vae=build(AutoencoderKL, vae_config, vae_sd, path / "vae"),
         scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
         family="sd2" if text_config.hidden_act == "gelu" else "sd1",
-        default_size=unet_json.get("sample_size", 64) * vae_config.downscale,
+        default_size=(unet_json.get("sample_size") or 64) * vae_config.downscale,   # an int: UNetConfig checks it
         name=path.name)
 
 
@@ -155,7 +156,11 @@ def build(module_class, config, state_dict: dict[str, torch.Tensor], where: Path
     # normal_ (nn.Embedding's init) is skipped: on the meta device it does nothing but import torch._dynamo, seconds
     with torch.device("meta"), mock.patch("torch.nn.init.normal_", lambda tensor, *args, **kwargs: tensor):
         module = module_class(config)
-    missing, unexpected = module.load_state_dict(state_dict, strict=False, assign=True)
+    try:
+        missing, unexpected = module.load_state_dict(state_dict, strict=False, assign=True)
+    except RuntimeError as e:   # a tensor of another shape than the config's widths give
+        mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise UserError(f"{where}: the weights do not fit the config ({mismatch})") from None
     if missing or unexpected:
         raise UserError(f"{where}: weights do not fit the inferred architecture "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

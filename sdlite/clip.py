@@ -1,7 +1,8 @@
 """CLIP's text transformer (Radford et al. 2021): 77 token ids -> the context (B, 77, D) the UNet attends to.
 
 A stack of pre-LayerNorm transformer layers with causal self-attention, then a final LayerNorm; SD conditions on every
-position's output (no pooling, no projection). One class, two configs:
+position's output (CLIPTextModelWithProjection's pooled, projected `text_embeds` are there for folders that hold
+one). One class, two configs:
   SD 1.x  OpenAI CLIP ViT-L/14's text tower: 12 layers, 768 wide, quick_gelu.
   SD 2.x  OpenCLIP ViT-H/14's: 24 layers, 1024 wide, gelu; SD takes the output of the penultimate layer (then the
           final LayerNorm), so its config has 23 layers and the last one is never loaded.
@@ -10,18 +11,41 @@ Attribute names equal the keys of transformers' CLIPTextModel as diffusers folde
 so a folder's text_encoder/ loads through `with_text_model_prefix` alone; the single files' two layouts map through
 `clip_from_openai` and `clip_from_openclip`.
 """
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .config import ConfigFile, show
+from .errors import UserError
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP's sigmoid approximation of GELU
     "gelu": F.gelu,
+    # GPT-2's tanh approximation of GELU (Hendrycks & Gimpel 2016, sec. 2), as transformers writes it out
+    "gelu_new": lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0)))),
 }
+ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+
+# Keys that cannot change the text encoder's outputs: the file's bookkeeping (versions, model_type, the dtype it was
+# saved in: the caller picks the dtype), output switches of transformers' forward, the initialisation of untrained
+# weights, the ids of special tokens the tokenizer adds (the text encoder never reads them), and the labels of
+# classification heads CLIP has none of.
+CLIP_NO_EFFECT = {
+    "transformers_version", "model_type", "dtype", "torch_dtype", "output_hidden_states", "output_attentions",
+    "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
+    "initializer_range", "initializer_factor", "pad_token_id", "bos_token_id",
+}
+# The keys CLIPTextConfig.from_json reads (eos_token_id: where CLIPTextModelWithProjection pools), and those above.
+CLIP_IMPLEMENTED = {
+    "vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers", "num_attention_heads",
+    "max_position_embeddings", "hidden_act", "layer_norm_eps", "architectures", "eos_token_id",
+} | CLIP_NO_EFFECT
+# Dropout acts in training only, which sdlite runs without it.
+CLIP_REFUSED = {"attention_dropout": (0, 0.0), "dropout": (0, 0.0)}
 
 
 @dataclass
@@ -35,11 +59,40 @@ class CLIPTextConfig:
     vocab_size: int = 49408
     max_position_embeddings: int = 77
     layer_norm_eps: float = 1e-5
+    projection_dim: int | None = None   # CLIPTextModelWithProjection's: the width of text_embeds
+    eos_token_id: int | None = None     # CLIPTextModelWithProjection's: where text_embeds pools (2: the highest id)
 
     @classmethod
-    def from_json(cls, config: dict) -> "CLIPTextConfig":
-        """From a transformers config.json (text_encoder/config.json); other keys are ignored."""
-        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+    def from_json(cls, config: dict, where="text_encoder/config.json") -> "CLIPTextConfig":
+        """From a transformers config.json (text_encoder/config.json); a key sdlite cannot honour, or a value of the
+        wrong type, is a UserError naming it."""
+        c = ConfigFile(config, where, CLIP_IMPLEMENTED, CLIP_REFUSED)
+        architectures = c.list_of("architectures", ["CLIPTextModel"], str)
+        if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
+            raise UserError(f"{where}: architectures = {show(config['architectures'])[:60]} is not supported by "
+                            f"sdlite (only {' or '.join(ARCHITECTURES)})")
+        hidden_act = c.choice("hidden_act", "quick_gelu", ACTIVATIONS)
+        for key in ("dtype", "torch_dtype", "pad_token_id", "bos_token_id", "eos_token_id"):
+            c.optional(key, str if key.endswith("dtype") else int)
+        with_projection = architectures[0] == "CLIPTextModelWithProjection"
+        result = cls(
+            hidden_size=c.get("hidden_size", 512, int),
+            intermediate_size=c.get("intermediate_size", 2048, int),
+            num_hidden_layers=c.get("num_hidden_layers", 12, int),
+            num_attention_heads=c.get("num_attention_heads", 8, int),
+            hidden_act=hidden_act,
+            vocab_size=c.get("vocab_size", 49408, int),
+            max_position_embeddings=c.get("max_position_embeddings", 77, int),
+            layer_norm_eps=c.get("layer_norm_eps", 1e-5, float),
+            projection_dim=c.get("projection_dim", 512, int) if with_projection else None,
+            eos_token_id=c.get("eos_token_id", 49407, int) if with_projection else None,
+        )
+        sizes = [result.hidden_size, result.intermediate_size, result.num_hidden_layers, result.num_attention_heads,
+                 result.vocab_size, result.max_position_embeddings, result.projection_dim or 1]
+        if min(sizes) < 1 or result.hidden_size % result.num_attention_heads or result.layer_norm_eps <= 0:
+            raise UserError(f"{where}: sizes must be positive, hidden_size ({result.hidden_size}) a multiple of "
+                            f"num_attention_heads ({result.num_attention_heads}) and layer_norm_eps positive")
+        return result
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -82,6 +135,8 @@ class CLIPTextModel(nn.Module):
             }),
             "final_layer_norm": nn.LayerNorm(d, eps=config.layer_norm_eps),
         })
+        if config.projection_dim is not None:   # CLIPTextModelWithProjection
+            self.text_projection = nn.Linear(d, config.projection_dim, bias=False)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, clip_skip: int = 1) -> torch.Tensor:
         """mask: (B, L), 0 where a token is hidden from every other token's attention (as transformers'
@@ -96,12 +151,20 @@ class CLIPTextModel(nn.Module):
             x = layer(x, mask)
         return t.final_layer_norm(x)
 
+    def text_embeds(self, ids: torch.Tensor, last_hidden_state: torch.Tensor) -> torch.Tensor:
+        """CLIPTextModelWithProjection's text_embeds (B, projection_dim): the output at each prompt's end-of-text token
+        (CLIP's pooled text feature, Radford et al. 2021, sec. 2.4), projected. The end is the first eos_token_id, or,
+        in old configs that say eos_token_id 2, the highest id (end-of-text is the vocabulary's last token)."""
+        end = ids.argmax(-1) if self.config.eos_token_id == 2 else (ids == self.config.eos_token_id).int().argmax(-1)
+        return self.text_projection(last_hidden_state[torch.arange(len(ids)), end])
+
 
 def with_text_model_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A transformers CLIPTextModel state dict in sdlite's names. transformers before 5.x saved its keys under
     `text_model.`, 5.x saves them without; older files also hold `text_model.embeddings.position_ids`, the constant
-    0..76 that sdlite does not store (forward takes the first L position embeddings), so it is dropped."""
-    return {k if k.startswith("text_model.") else "text_model." + k: v
+    0..76 that sdlite does not store (forward takes the first L position embeddings), so it is dropped.
+    CLIPTextModelWithProjection's text_projection sits beside text_model in both."""
+    return {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
             for k, v in sd.items() if not k.endswith("embeddings.position_ids")}
 
 

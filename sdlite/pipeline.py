@@ -6,7 +6,7 @@
         eps = unet(scale(x, t), t, [uncond, cond])                  one call on the doubled batch
         eps = eps_uncond + g * (eps_cond - eps_uncond)
         x = sampler.step(eps, t, x)
-    image = vae.decode(x / scaling_factor)
+    image = vae.decode(vae.unscale_latents(x))                     x / scaling_factor in SD
 
 All randomness comes from one torch.Generator seeded once, drawn in the reference's order, so a seed means the same
 image as in diffusers. The UNet and the VAE run `streaming` (weights.py): each layer hands the pages of its
@@ -64,8 +64,9 @@ class Pipeline:
         self.packed_convolutions = True
 
     def to(self, device=None, dtype=None) -> "Pipeline":
-        for module in (self.text_encoder, self.unet, self.vae):
+        for module in (self.text_encoder, self.unet):
             module.to(device=device, dtype=dtype)
+        self.vae.to(device=device, dtype=dtype and self.vae.upcast_for(dtype))   # float32 if force_upcast
         return self
 
     def load_embedding(self, path: str | Path, token: str | None = None) -> str:
@@ -241,9 +242,10 @@ class Pipeline:
 
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(1, 3, H, W) pixels in [-1, 1] -> (1, 4, H/8, W/8) latents: a sample of the VAE's posterior, scaled."""
+        vae_dtype = self.vae.upcast_for(self.dtype)
         with streaming(self.vae):
-            posterior = self.vae.encode(pixels.to(self.device, self.dtype))
-        return self.vae.config.scaling_factor * posterior.sample(generator)
+            posterior = self.vae.encode(pixels.to(self.device, vae_dtype))
+        return self.vae.scale_latents(posterior.sample(generator)).to(self.dtype)
 
     def encode_prompt(self, prompt: str, negative_prompt: str, batch_size: int, guidance_scale: float,
                       prompt_syntax: str = "plain", clip_skip: int = 1) -> torch.Tensor:
@@ -290,7 +292,8 @@ class Pipeline:
     def decode(self, x: torch.Tensor, parameters: str) -> list[Image.Image]:
         """Latents -> uint8 RGB images, rounded as the reference rounds them."""
         with streaming(self.vae):
-            pixels = self.vae.decode(x / self.vae.config.scaling_factor)      # (B, 3, H, W) in [-1, 1]
+            z = self.vae.unscale_latents(x).to(self.vae.upcast_for(self.dtype))
+            pixels = self.vae.decode(z)                                        # (B, 3, H, W) in [-1, 1]
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         images = []
         for i, array in enumerate((pixels * 255).round().astype(np.uint8)):

@@ -18,6 +18,8 @@ from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
 
+from .errors import UserError
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 SD1_PAD_ID, SD2_PAD_ID = 49407, 0  # "<|endoftext|>" and "!"
 MAX_LENGTH = 77
@@ -65,6 +67,22 @@ def special_token(value) -> AddedToken:
     return AddedToken(value, normalized=False, special=True)
 
 
+def read_specials(path: Path, names) -> dict:
+    """The special tokens among `names` that a tokenizer_config.json or special_tokens_map.json states."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: must be a JSON object")
+    specials = {k: v for k, v in config.items() if k in names}
+    for key, value in specials.items():
+        if not (isinstance(value, str) or isinstance(value, dict) and isinstance(value.get("content"), str)):
+            raise UserError(f"{path}: {key} must be a token (a string, or an object with its content), "
+                            f"not {json.dumps(value)[:40]}: sdlite pads every prompt to {MAX_LENGTH} tokens")
+    return specials
+
+
 # What the tokenizer folders of SD 1.x and 2.x say about their special tokens (the pad token aside).
 SD_SPECIAL_TOKENS = {"bos_token": {"content": BOS, "normalized": True},
                      "eos_token": {"content": EOS, "normalized": True}}
@@ -74,13 +92,17 @@ class Tokenizer:
     """Prompts -> LongTensor (B, 77). Build it with `from_folder` (a diffusers tokenizer/ folder) or
     `from_vendored` (the merges file shipped in sdlite/data), then call it on a list of prompts."""
 
-    def __init__(self, backend: Backend, specials: dict, max_length: int = MAX_LENGTH):
+    def __init__(self, backend: Backend, specials: dict, max_length: int = MAX_LENGTH, where="the tokenizer"):
         """`specials` maps "bos_token", "eos_token" and "pad_token" to strings or dicts, as the folders' json files."""
         self.backend = backend
         self.backend.no_truncation()  # a tokenizer.json may carry its own; ours are applied in __call__
         self.backend.no_padding()
         tokens = {name: special_token(specials[name]) for name in ("bos_token", "eos_token", "pad_token")}
         known = {t.content for t in backend.get_added_tokens_decoder().values()}  # a tokenizer.json's stay as they are
+        vocabulary = backend.get_vocab()
+        for name, token in tokens.items():   # one the vocabulary lacks would get an id the text encoder has no row for
+            if token.content not in vocabulary and token.content not in known:
+                raise UserError(f"{where}: {name} {token.content!r} is not in the vocabulary")
         self.backend.add_special_tokens([t for t in tokens.values() if t.content not in known])
         self.bos_id, self.eos_id, self.pad_id = (self.backend.token_to_id(t.content) for t in tokens.values())
         self.max_length = max_length
@@ -98,16 +120,18 @@ class Tokenizer:
         """A diffusers tokenizer/ folder: tokenizer.json, or vocab.json + merges.txt; the special tokens come from
         tokenizer_config.json and special_tokens_map.json (the latter wins, as in transformers)."""
         folder = Path(folder)
-        specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS}
+        specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS}   # CLIPTokenizer's defaults
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if (folder / name).exists():
-                config = json.loads((folder / name).read_text(encoding="utf-8"))
-                specials.update({k: v for k, v in config.items() if k in specials})
-        if (folder / "tokenizer.json").exists():
-            backend = Backend.from_file(str(folder / "tokenizer.json"))
-        else:
-            backend = clip_backend(*BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
-        return cls(backend, specials)
+                specials.update(read_specials(folder / name, specials))
+        try:
+            if (folder / "tokenizer.json").exists():
+                backend = Backend.from_file(str(folder / "tokenizer.json"))
+            else:
+                backend = clip_backend(*BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+        except Exception as e:   # the tokenizers library's errors: missing files, malformed JSON, a broken merges.txt
+            raise UserError(f"{folder}: not a readable tokenizer folder ({str(e).splitlines()[0][:120]})") from None
+        return cls(backend, specials, where=folder)
 
     def add_tokens(self, tokens: list[str]) -> list[int]:
         """New words matched whole in prompts, before BPE (as transformers' add_tokens): their ids, numbered on from

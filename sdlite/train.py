@@ -245,7 +245,7 @@ def pixel_loss(images: torch.Tensor, alpha_bar: torch.Tensor, batch_size: int) -
 
 
 def null_context(unet: UNet, batch_size: int) -> torch.Tensor:
-    return torch.zeros(batch_size, 1, unet.config.cross_attention_dim)
+    return torch.zeros(batch_size, 1, unet.config.cross_attention_dim[-1])
 
 
 # --- data ---
@@ -321,6 +321,8 @@ def train_text_to_image(pipe: Pipeline, images: torch.Tensor, captions: list[str
     what its scheduler config's prediction_type says; sample grids show `prompts`. Returns the pipeline with the EMA
     weights."""
     scale = pipe.vae.config.scaling_factor
+    if pipe.vae.config.shift_factor is not None or pipe.vae.config.latents_mean is not None:
+        raise UserError("training on a VAE whose config.json has shift_factor or latents_mean is not supported")
     mean, std = encode(pipe.vae, images)
     ids, empty_ids = pipe.tokenizer(captions), pipe.tokenizer([""])
     prediction_type = pipe.scheduler_config.get("prediction_type", "epsilon")
@@ -413,31 +415,15 @@ def save_folder(pipe: Pipeline, out: Path, dtype: torch.dtype = torch.float16) -
 
 
 def save_unet(unet: UNet, folder: Path, sample_size: int, dtype: torch.dtype) -> None:
-    c = unet.config
     write_json(folder / "config.json", {
         "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1", "sample_size": sample_size,
-        "in_channels": c.in_channels, "out_channels": c.out_channels, "block_out_channels": list(c.block_out_channels),
-        "layers_per_block": c.layers_per_block,
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in c.attention_levels],
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(c.attention_levels)],
-        "attention_head_dim": list(c.heads), "transformer_layers_per_block": c.transformer_depth,
-        "cross_attention_dim": c.cross_attention_dim, "use_linear_projection": c.use_linear_projection,
-        "upcast_attention": c.upcast_attention, "norm_num_groups": 32, "norm_eps": 1e-5, "act_fn": "silu",
-        "flip_sin_to_cos": True, "freq_shift": 0, "center_input_sample": False, "downsample_padding": 1,
-        "mid_block_scale_factor": 1})
+        **unet.config.to_json()})
     save_weights(unet, folder / "diffusion_pytorch_model.safetensors", dtype)
 
 
 def save_vae(vae: AutoencoderKL, folder: Path, dtype: torch.dtype) -> None:
-    c = vae.config
     write_json(folder / "config.json", {
-        "_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", "sample_size": c.sample_size,
-        "in_channels": c.in_channels, "out_channels": c.out_channels, "latent_channels": c.latent_channels,
-        "block_out_channels": list(c.block_out_channels), "layers_per_block": c.layers_per_block,
-        "down_block_types": ["DownEncoderBlock2D"] * len(c.block_out_channels),
-        "up_block_types": ["UpDecoderBlock2D"] * len(c.block_out_channels),
-        "norm_num_groups": c.norm_num_groups, "act_fn": "silu", "scaling_factor": c.scaling_factor})
+        "_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", **vae.config.to_json()})
     save_weights(vae, folder / "diffusion_pytorch_model.safetensors", dtype)
 
 

@@ -1,9 +1,11 @@
 """Loading: both official layouts give the same modules; family, padding and prediction type are read right."""
 import dataclasses
+import json
 import shutil
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import sdlite
@@ -63,9 +65,25 @@ def test_text_encoder_keys_with_or_without_text_model_prefix(checkpoints, tmp_pa
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dtype_is_honoured(checkpoints, dtype):
+    """But for the VAE of a float16 load, which runs in float32 when its config says force_upcast (the default, and
+    what single files get), as diffusers' SDXL pipelines do."""
     pipe = sdlite.load(checkpoints / "sd1.safetensors", dtype=dtype)
-    for name in ("text_encoder", "unet", "vae"):
+    for name in ("text_encoder", "unet"):
         assert {p.dtype for p in getattr(pipe, name).parameters()} == {dtype}
+    vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+    assert {p.dtype for p in pipe.vae.parameters()} == {vae_dtype}
+
+
+def test_float16_vae_without_force_upcast_and_with_it_decode(checkpoints, tmp_path):
+    folder = tmp_path / "sd1"
+    shutil.copytree(checkpoints / "sd1", folder)
+    config = folder / "vae" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "force_upcast": False}))
+    for model, vae_dtype in ((folder, torch.float16), (checkpoints / "sd1", torch.float32)):
+        pipe = sdlite.load(model, dtype=torch.float16)
+        assert {p.dtype for p in pipe.vae.parameters()} == {vae_dtype}
+        image, = pipe.img2img("a", Image.new("RGB", (16, 16), "red"), steps=2, seed=0)
+        assert image.size == (16, 16)
 
 
 def test_folder_missing_a_component_is_a_user_error(checkpoints, tmp_path):
@@ -102,3 +120,28 @@ def test_hub_failure_is_one_clear_line(monkeypatch):
     with pytest.raises(sdlite.UserError) as e:
         sdlite.load("someone/tiny-sd")
     assert "could not download 'someone/tiny-sd'" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("component, change, named", [
+    ("unet", {"block_out_channels": [64, 64]}, "weights do not fit the config"),
+    ("unet", {"cross_attention_dim": 96}, "weights do not fit the config"),
+    ("unet", {"class_embed_type": "timestep"}, "class_embed_type"),
+    ("unet", {"layers_per_block": "1"}, "layers_per_block"),
+    ("vae", {"latent_channels": 3}, "weights do not fit the config"),
+    ("vae", {"use_quant_conv": False}, "weights do not fit the inferred architecture"),
+    ("vae", {"shift_factor": "0.1"}, "shift_factor"),
+    ("text_encoder", {"hidden_size": "128"}, "hidden_size"),
+    ("text_encoder", {"num_hidden_layers": 3}, "weights do not fit the inferred architecture"),
+    ("text_encoder", {"hidden_act": "tanh"}, "hidden_act"),
+    ("text_encoder", {"attention_dropout": 0.1}, "attention_dropout"),
+])
+def test_folder_config_mistakes_are_one_line_naming_the_file(checkpoints, tmp_path, component, change, named):
+    """Refused keys, values of the wrong type, and configs whose widths the weights do not have."""
+    folder = tmp_path / "sd1"
+    shutil.copytree(checkpoints / "sd1", folder)
+    config = folder / component / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    with pytest.raises(sdlite.UserError) as e:
+        sdlite.load(folder)
+    message = str(e.value)
+    assert "\n" not in message and named in message and str(folder / component) in message

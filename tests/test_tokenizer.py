@@ -1,10 +1,12 @@
 """sdlite's tokenizer against transformers' CLIPTokenizer (fixtures by tests/fixtures/make_text.py)."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from sdlite import UserError
 from sdlite.tokenizer import SD1_PAD_ID, SD2_PAD_ID, Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -57,3 +59,43 @@ def test_tokenizer_json_keeps_its_special_tokens(folders, tmp_path):
     config["bos_token"] = {"__type": "AddedToken", "content": "<|startoftext|>", "normalized": True}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     assert torch.equal(Tokenizer.from_folder(folder)(PROMPTS), reference("sd1"))
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE["pad_ids"]))
+def test_pad_token_as_the_folder_states_it(folders, name):
+    """make_text.PAD_VARIANTS: special_tokens_map.json's pad_token over tokenizer_config.json's, the default
+    <|endoftext|> when neither states one, the dict form, and an ordinary word as the pad token."""
+    tokenizer = Tokenizer.from_folder(folders / name)
+    assert tokenizer.pad_id == REFERENCE["pad_ids"][name]
+    assert torch.equal(tokenizer(PROMPTS), reference(name))
+
+
+@pytest.mark.parametrize("file, value, named", [
+    ("special_tokens_map.json", None, "pad_token must be a token"),
+    ("tokenizer_config.json", 5, "pad_token must be a token"),
+    ("tokenizer_config.json", {"content": None}, "pad_token must be a token"),
+    ("special_tokens_map.json", "<pad>", "pad_token '<pad>' is not in the vocabulary"),
+    ("tokenizer_config.json", "{not json", "not valid JSON"),
+])
+def test_pad_token_mistakes_are_one_line(folders, tmp_path, file, value, named):
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(folders / "sd1_legacy", folder)
+    path = folder / file
+    if value == "{not json":
+        path.write_text(value)
+    else:
+        path.write_text(json.dumps({**json.loads(path.read_text()), "pad_token": value}))
+    with pytest.raises(UserError) as e:
+        Tokenizer.from_folder(folder)
+    assert "\n" not in str(e.value) and named in str(e.value) and str(folder) in str(e.value)
+
+
+def test_unreadable_tokenizer_folder_is_one_line(folders, tmp_path):
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(folders / "sd1", folder)
+    (folder / "tokenizer.json").write_text('{"truncated": ')
+    with pytest.raises(UserError, match="not a readable tokenizer folder"):
+        Tokenizer.from_folder(folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="not a readable tokenizer folder"):
+        Tokenizer.from_folder(folder)   # neither tokenizer.json nor vocab.json + merges.txt
