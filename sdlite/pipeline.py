@@ -192,27 +192,27 @@ class Pipeline:
               guidance_rescale: float = 0.0, inpainting: bool = False, prompt_syntax: str = "plain",
               clip_skip: int = 1) -> "Run":
         """Check the settings, seed the generator, build the sampler and encode the prompts (prompts.py)."""
-        scheduler = scheduler or self.default_sampler
-        self.check(steps=steps, width=width, height=height, scheduler=scheduler, batch_size=batch_size)
+        sampler = scheduler or self.default_sampler
+        self.check(steps=steps, width=width, height=height, sampler=sampler, batch_size=batch_size)
         if strength is not None and not 0 <= strength <= 1:
             raise UserError(f"strength must be between 0 and 1, not {strength}")
         if not 0 <= guidance_rescale <= 1:
             raise UserError(f"guidance rescale must be between 0 and 1, not {guidance_rescale}")
         seed = random.randrange(2**32) if seed is None else seed
-        fields = {"Steps": steps, "Sampler": scheduler, "CFG scale": guidance_scale, "Seed": seed,
+        fields = {"Steps": steps, "Sampler": sampler, "CFG scale": guidance_scale, "Seed": seed,
                   "Size": f"{width}x{height}", "Model hash": model_hash(self.model_file), "Model": self.name,
                   "Denoising strength": strength, "Clip skip": clip_skip if clip_skip > 1 else None,
                   "Guidance rescale": guidance_rescale or None}
-        config = samplers.as_pipelines_see_it(scheduler, self.scheduler_config, inpainting)
-        return Run(sampler=samplers.make(scheduler, config), guidance_rescale=guidance_rescale,
+        config = samplers.as_pipelines_see_it(sampler, self.scheduler_config, inpainting)
+        return Run(sampler=samplers.make(sampler, config), guidance_rescale=guidance_rescale,
                    generator=torch.Generator("cpu").manual_seed(seed),
                    context=self.encode_prompt(prompt, negative_prompt, batch_size, guidance_scale,
                                               prompt_syntax, clip_skip),
                    parameters=generation_parameters(prompt, negative_prompt if guidance_scale > 1 else "", fields))
 
-    def check(self, steps: int, width: int, height: int, scheduler: str, batch_size: int) -> None:
-        if scheduler not in samplers.NAMES:
-            raise UserError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(samplers.NAMES)}")
+    def check(self, steps: int, width: int, height: int, sampler: str, batch_size: int) -> None:
+        if sampler not in samplers.NAMES:
+            raise UserError(f"unknown scheduler {sampler!r}: choose one of {', '.join(samplers.NAMES)}")
         if steps < 1:
             raise UserError(f"steps must be at least 1, not {steps}")
         if batch_size < 1:

@@ -367,7 +367,7 @@ def train_pixel(images: torch.Tensor, unet_config: UNetConfig, config: TrainConf
 
 @torch.no_grad()
 def sample_pixels(unet: UNet, scheduler_config: dict, n: int, size: int, steps: int, seed: int) -> torch.Tensor:
-    """The sampling loop of an unconditional pixel model: x_T ~ N(0, I), then the scheduler's steps to x_0."""
+    """The sampling loop of an unconditional pixel model: x_T ~ N(0, I), then the sampler's steps to x_0."""
     generator = torch.Generator().manual_seed(seed)
     sampler = samplers.make(samplers.CLASS_NAMES[scheduler_config["_class_name"]], scheduler_config)
     x = torch.randn(n, unet.config.in_channels, size, size, generator=generator) * sampler.init_sigma

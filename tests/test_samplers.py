@@ -151,6 +151,25 @@ def test_options_of_other_samplers_are_ignored():
     assert torch.equal(plain["x6"], other["x6"])
 
 
+@pytest.mark.parametrize("name", samplers.NAMES)
+def test_steps_run_at_the_cursor_in_order(name):
+    """The contract (samplers/base.py): set_timesteps puts the cursor on the first step and each step moves it on by
+    one; a step whose t is not the current timestep (skipped ahead) is refused and changes nothing, and so is a step
+    after the last."""
+    sampler = samplers.make(name, CONFIGS["sd1"])
+    timesteps = sampler.set_timesteps(4)
+    with pytest.raises(ValueError, match="in order"):
+        sampler.step(fake_model(X0, timesteps[-1]), timesteps[-1], X0)
+    x = X0 * sampler.init_sigma
+    generator = torch.Generator().manual_seed(META["generator_seed"])
+    for t in timesteps:
+        x = sampler.step(fake_model(sampler.scale_input(x, t), t), t, x, generator)
+    undisturbed = run(samplers.make(name, CONFIGS["sd1"]), 4, 1.0)[f"x{len(timesteps) - 1}"]
+    assert torch.equal(x, undisturbed)  # the same computation on the same machine: bit for bit
+    with pytest.raises(ValueError, match="in order"):
+        sampler.step(fake_model(x, timesteps[-1]), timesteps[-1], x)
+
+
 def test_unknown_name():
     with pytest.raises(ValueError):
         samplers.make("heun", CONFIGS["sd1"])
