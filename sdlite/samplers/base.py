@@ -15,7 +15,8 @@ A sampler has state, and says so: it walks one schedule at a time, in order. set
 (self.timesteps), forgets the last run (the multistep methods' history) and puts the cursor self.i, an index into
 self.timesteps, on the first step to run; step does the step at the cursor and moves the cursor on by one, in
 Sampler.step and nowhere else. Every sampler reads its place from self.i; the t the caller passes is checked
-against it.
+against it. A sampler implements two methods: plan (its schedule for n steps) and update (the arithmetic of the
+step at self.i); Sampler's set_timesteps and step wrap them.
 """
 from abc import ABC, abstractmethod
 

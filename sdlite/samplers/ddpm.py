@@ -28,7 +28,8 @@ class DDPM(Sampler):
         """Sample the posterior q(x_prev | x_t, x_0) at the model's x_0 (Ho et al. eq. 6-7), prev the next timestep
         of the schedule. Its variance is beta~ = (1 - alpha_bar_prev) / (1 - alpha_bar_t) beta; no noise is added
         at t = 0."""
-        t, i = int(self.timesteps[self.i]), self.i
+        i = self.i
+        t = int(self.timesteps[i])
         prev_t = self.timesteps[i + 1].item() if i + 1 < len(self.timesteps) else -1
         alpha_bar = self.alphas_cumprod[t]
         alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)

@@ -51,7 +51,7 @@ class PNDM(Sampler):
             plms_timesteps = t[PRK_STEPS:]
         self.timesteps = torch.from_numpy(np.concatenate([self.prk_timesteps, plms_timesteps]).astype(np.int64))
         self.outputs = []  # the last (up to 4) model outputs at the steps' starts, oldest first
-        self.counter = 0  # model evaluations so far
+        self.counter = 0  # model evaluations so far in this run: the place in the warm-up (from the img2img start)
         self.start_x = None  # the sample the current warm-up step starts from
         self.rk_sum = 0  # the RK4 step's weighted sum of model outputs so far
 
