@@ -128,7 +128,7 @@ def run_worker(system: str, dtype: str) -> dict:
 def flops() -> dict[str, float]:
     """FLOPs of each stage, counted on sdlite's SD 1.5 modules moved to the meta device (no memory, no time)."""
     import sdlite
-    from sdlite import schedulers
+    from sdlite import samplers
     pipe = sdlite.load(SD1, device="meta")
     meta = dict(device="meta")
     calls = {"prompt encoding": lambda: [pipe.text_encoder(torch.zeros(1, 77, dtype=torch.long, **meta))
@@ -141,7 +141,7 @@ def flops() -> dict[str, float]:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             f()
         counted[name] = counter.get_total_flops()
-    unet_calls = len(schedulers.make(pipe.default_scheduler, pipe.scheduler_config).set_timesteps(STEPS))  # PNDM: 3
+    unet_calls = len(samplers.make(pipe.default_sampler, pipe.scheduler_config).set_timesteps(STEPS))  # PNDM: 3
     counted["txt2img"] = counted["prompt encoding"] + unet_calls * counted["UNet step"] + counted["VAE decode"]
     return counted
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, prompts, schedulers, train
+from . import __version__, prompts, samplers, train
 from .checkpoint import load
 from .errors import UserError
 from .image import check_writable, save_png
@@ -125,7 +125,7 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
                    help="0-1: rescale the guided prediction's spread to the prompt's (Lin et al. 2023), "
                         "for zero-terminal-SNR models (0: off)")
     p.add_argument("--seed", type=int, help="the noise seed (default: a random seed, written into the PNG)")
-    p.add_argument("--scheduler", choices=schedulers.NAMES, help="the sampler (default: the checkpoint's own)")
+    p.add_argument("--scheduler", choices=samplers.NAMES, help="the sampler (default: the checkpoint's own)")
     p.add_argument("--batch-size", type=int, default=1, help="images made by one call, from one seed")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="override what the checkpoint is taken to predict (default: the checkpoint's own; SD 2.x "

@@ -22,15 +22,8 @@ import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .errors import UserError
+from .samplers import SAMPLERS
 
-# sdlite's schedulers as AUTOMATIC1111 >= 1.9 names them: its sampler and its "Schedule type". DDIM, PLMS and UniPC
-# run on timesteps in A1111, where a schedule type does not apply (it writes none that means anything); Euler, Euler a,
-# LMS and DPM++ 2M step through sigmas spaced as the timesteps are ("Uniform") or Karras's. A1111 has no DDPM: its
-# name is written as it is, which A1111's parser keeps as the sampler's name.
-SAMPLER_NAMES = {"pndm": ("PLMS", None), "lms": ("LMS", "Uniform"), "ddim": ("DDIM", None),
-                 "unipc": ("UniPC", None), "euler": ("Euler", "Uniform"), "euler_a": ("Euler a", "Uniform"),
-                 "dpmpp_2m": ("DPM++ 2M", "Uniform"), "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
-                 "ddpm": ("DDPM", None)}
 HASH_CACHE = "model-hashes.json"
 
 
@@ -42,12 +35,13 @@ def quote(value) -> str:
 
 def generation_parameters(prompt: str, negative_prompt: str, fields: dict) -> str:
     """The "parameters" text as A1111 writes it: the prompt as typed, `Negative prompt: ...` when there is one, then
-    `Key: value` pairs on one line. A "Sampler" of sdlite's is written as A1111's sampler and schedule type; fields
-    whose value is None are left out."""
+    `Key: value` pairs on one line. A "Sampler" of sdlite's is written as A1111's sampler and schedule type (as the
+    samplers' registry names them); fields whose value is None are left out."""
     pairs = {}
     for key, value in fields.items():
         if key == "Sampler":
-            pairs["Sampler"], pairs["Schedule type"] = SAMPLER_NAMES.get(value, (value, None))
+            entry = SAMPLERS.get(value)
+            pairs["Sampler"], pairs["Schedule type"] = (entry.a1111, entry.schedule_type) if entry else (value, None)
         else:
             pairs[key] = value
     lines = [prompt]

@@ -5,7 +5,7 @@
     for t in timesteps:
         eps = unet(scale(x, t), t, [uncond, cond])                  one call on the doubled batch
         eps = eps_uncond + g * (eps_cond - eps_uncond)
-        x = scheduler.step(eps, t, x)
+        x = sampler.step(eps, t, x)
     image = vae.decode(vae.unscale_latents(x))                     x / scaling_factor in SD
 
 All randomness comes from one torch.Generator seeded once, drawn in the reference's order, so a seed means the same
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from . import lora, schedulers
+from . import lora, samplers
 from .clip import CLIPTextModel
 from .embeddings import add_embedding
 from .errors import UserError
@@ -45,7 +45,7 @@ ImageInput = Image.Image | str | Path
 @dataclass
 class Run:
     """What one call sets up before its loop."""
-    sampler: object                 # from sdlite.schedulers.make
+    sampler: samplers.Sampler       # from sdlite.samplers.make
     generator: torch.Generator      # seeded once; every random draw of the call comes from it
     context: torch.Tensor           # (2B or B, 77, D) text-encoder output: negative prompt first when guided
     parameters: str                 # the PNG "parameters" text
@@ -93,12 +93,12 @@ class Pipeline:
         return self.unet.conv_in.weight.device
 
     @property
-    def default_scheduler(self) -> str:
+    def default_sampler(self) -> str:
         """The sampler of the checkpoint's own scheduler config."""
         class_name = self.scheduler_config.get("_class_name", "PNDMScheduler")
-        if class_name not in schedulers.CLASS_NAMES:
+        if class_name not in samplers.CLASS_NAMES:
             raise UserError(f"the checkpoint's scheduler {class_name} is not implemented: choose one with --scheduler")
-        return schedulers.CLASS_NAMES[class_name]
+        return samplers.CLASS_NAMES[class_name]
 
     @torch.no_grad()
     def txt2img(self, prompt: str, negative_prompt: str = "", steps: int = 50, guidance_scale: float = 7.5,
@@ -199,27 +199,27 @@ class Pipeline:
               guidance_rescale: float = 0.0, inpainting: bool = False, prompt_syntax: str = "plain",
               clip_skip: int = 1) -> "Run":
         """Check the settings, seed the generator, build the sampler and encode the prompts (prompts.py)."""
-        scheduler = scheduler or self.default_scheduler
-        self.check(steps=steps, width=width, height=height, scheduler=scheduler, batch_size=batch_size)
+        sampler = scheduler or self.default_sampler
+        self.check(steps=steps, width=width, height=height, sampler=sampler, batch_size=batch_size)
         if strength is not None and not 0 <= strength <= 1:
             raise UserError(f"strength must be between 0 and 1, not {strength}")
         check_settings(prompt, negative_prompt, guidance_scale, seed)
         if not 0 <= guidance_rescale <= 1:
             raise UserError(f"guidance rescale must be between 0 and 1, not {guidance_rescale}")
         seed = random.randrange(2**32) if seed is None else seed
-        fields = {"Steps": steps, "Sampler": scheduler, "CFG scale": guidance_scale, "Seed": seed,
+        fields = {"Steps": steps, "Sampler": sampler, "CFG scale": guidance_scale, "Seed": seed,
                   "Size": f"{width}x{height}", "Model hash": model_hash(self.model_file), "Model": self.name,
                   "Denoising strength": strength, "Clip skip": clip_skip if clip_skip > 1 else None,
                   "Guidance rescale": guidance_rescale or None}
-        return Run(sampler=self.sampler(scheduler, steps, inpainting), guidance_rescale=guidance_rescale,
+        return Run(sampler=self.build_sampler(sampler, steps, inpainting), guidance_rescale=guidance_rescale,
                    generator=torch.Generator("cpu").manual_seed(seed),
                    context=self.encode_prompt(prompt, negative_prompt, batch_size, guidance_scale,
                                               prompt_syntax, clip_skip),
                    parameters=generation_parameters(prompt, negative_prompt if guidance_scale > 1 else "", fields))
 
-    def check(self, steps: int, width: int, height: int, scheduler: str, batch_size: int) -> None:
-        if scheduler not in schedulers.NAMES:
-            raise UserError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(schedulers.NAMES)}")
+    def check(self, steps: int, width: int, height: int, sampler: str, batch_size: int) -> None:
+        if sampler not in samplers.NAMES:
+            raise UserError(f"unknown scheduler {sampler!r}: choose one of {', '.join(samplers.NAMES)}")
         if steps < 1:
             raise UserError(f"steps must be at least 1, not {steps}")
         if batch_size < 1:
@@ -248,12 +248,12 @@ class Pipeline:
         unet = 3 * 2 * batch_size * 8 * self.unet.config.block_out_channels[0] * latents * item
         return max(vae, unet)
 
-    def sampler(self, name: str, steps: int, inpainting: bool) -> object:
+    def build_sampler(self, name: str, steps: int, inpainting: bool) -> samplers.Sampler:
         """The sampler `name` on the checkpoint's training schedule, as diffusers' pipelines configure it; a schedule
         it cannot build, or more steps than the schedule has timesteps, is refused."""
         try:
-            config = schedulers.as_pipelines_see_it(name, self.scheduler_config, inpainting)
-            sampler = schedulers.make(name, config)
+            config = samplers.as_pipelines_see_it(name, self.scheduler_config, inpainting)
+            sampler = samplers.make(name, config)
         except UserError:
             raise
         except (NotImplementedError, ValueError, TypeError, KeyError) as e:

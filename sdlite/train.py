@@ -36,14 +36,14 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from . import scenes, schedulers
+from . import samplers, scenes
 from .checkpoint import load
 from .clip import CLIPTextConfig, CLIPTextModel
 from .errors import UserError
 from .image import open_rgb
 from .pipeline import Pipeline, check_text
 from .progress import Progress
-from .schedulers.schedule import TrainingSchedule, alphas_cumprod
+from .samplers.training_schedule import TrainingSchedule, alphas_cumprod
 from .tokenizer import Tokenizer
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
@@ -376,9 +376,9 @@ def train_pixel(images: torch.Tensor, unet_config: UNetConfig, config: TrainConf
 
 @torch.no_grad()
 def sample_pixels(unet: UNet, scheduler_config: dict, n: int, size: int, steps: int, seed: int) -> torch.Tensor:
-    """The sampling loop of an unconditional pixel model: x_T ~ N(0, I), then the scheduler's steps to x_0."""
+    """The sampling loop of an unconditional pixel model: x_T ~ N(0, I), then the sampler's steps to x_0."""
     generator = torch.Generator().manual_seed(seed)
-    sampler = schedulers.make(schedulers.CLASS_NAMES[scheduler_config["_class_name"]], scheduler_config)
+    sampler = samplers.make(samplers.CLASS_NAMES[scheduler_config["_class_name"]], scheduler_config)
     x = torch.randn(n, unet.config.in_channels, size, size, generator=generator) * sampler.init_sigma
     for t in sampler.set_timesteps(steps):
         x = sampler.step(unet(sampler.scale_input(x, t), t, null_context(unet, n)), t, x, generator)

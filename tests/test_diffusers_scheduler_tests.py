@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from sdlite import schedulers
+from sdlite import samplers
 from sdlite.errors import UserError
 
 
@@ -63,7 +63,7 @@ def full_loop(name: str, steps: int, start: int = 0, scale_in_loop: bool = False
     timesteps[start] and the loop runs from there. scale_in_loop: the k-diffusion tests' loop, which feeds the
     *scaled* sample back to step (sample = scale_model_input(sample, t); sample = step(model(sample, t), t, sample)).
     The noise of DDPM and Euler ancestral comes from the global generator, seeded 0 before the loop."""
-    sampler = schedulers.make(name, {**CONFIGS[name], **config})
+    sampler = samplers.make(name, {**CONFIGS[name], **config})
     # strength = (steps - start) / steps starts the img2img run at index `start`, as diffusers' t_start does
     timesteps = sampler.set_timesteps(steps, (steps - start) / steps)
     generator = torch.manual_seed(0)
@@ -177,19 +177,19 @@ def test_full_loop(test, name, steps, keywords, expected_sum, expected_mean):
 
 def test_ddim_steps_offset():
     """test_scheduler_ddim.py::test_steps_offset"""
-    sampler = schedulers.make("ddim", {**CONFIGS["ddim"], "steps_offset": 1})
+    sampler = samplers.make("ddim", {**CONFIGS["ddim"], "steps_offset": 1})
     assert torch.equal(sampler.set_timesteps(5), torch.LongTensor([801, 601, 401, 201, 1]))
 
 
 def test_dpm_multi_duplicated_timesteps():
     """test_scheduler_dpm_multi.py::test_duplicated_timesteps: as many timesteps as asked for, even all 1000"""
-    sampler = schedulers.make("dpmpp_2m", CONFIGS["dpmpp_2m"])
+    sampler = samplers.make("dpmpp_2m", CONFIGS["dpmpp_2m"])
     assert len(sampler.set_timesteps(1000)) == 1000
 
 
 def test_pndm_steps_offset():
     """test_scheduler_pndm.py::test_steps_offset: the Runge-Kutta warm-up's timesteps, then PLMS's"""
-    sampler = schedulers.make("pndm", {**CONFIGS["pndm"], "steps_offset": 1})
+    sampler = samplers.make("pndm", {**CONFIGS["pndm"], "steps_offset": 1})
     assert torch.equal(sampler.set_timesteps(10), torch.LongTensor(
         [901, 851, 851, 801, 801, 751, 751, 701, 701, 651, 651, 601, 601, 501, 401, 301, 201, 101, 1]))
 
@@ -197,12 +197,12 @@ def test_pndm_steps_offset():
 def test_pndm_low_inference_steps_prk_validation():
     """test_scheduler_pndm.py::test_pndm_low_inference_steps_prk_validation: the Runge-Kutta warm-up needs at least
     4 steps (a ValueError naming the minimum); without it any count works."""
-    sampler = schedulers.make("pndm", {**CONFIGS["pndm"], "skip_prk_steps": False})
+    sampler = samplers.make("pndm", {**CONFIGS["pndm"], "skip_prk_steps": False})
     for n in (1, 2, 3):
         with pytest.raises(UserError, match="at least 4 steps"):
             sampler.set_timesteps(n)
     sampler.set_timesteps(4)
-    sampler = schedulers.make("pndm", {**CONFIGS["pndm"], "skip_prk_steps": True})
+    sampler = samplers.make("pndm", {**CONFIGS["pndm"], "skip_prk_steps": True})
     for n in (1, 2, 3, 4):
         sampler.set_timesteps(n)
 
@@ -214,7 +214,7 @@ def test_config_round_trip(name):
     sample = dummy_sample()
     outputs = []
     for config in (CONFIGS[name], json.loads(json.dumps(CONFIGS[name]))):
-        sampler = schedulers.make(name, config)
+        sampler = samplers.make(name, config)
         t = sampler.set_timesteps(25)[0]
         outputs.append(sampler.step(0.1 * sample, t, sampler.scale_input(sample, t), torch.manual_seed(0)))
     assert torch.equal(outputs[0], outputs[1])  # the same computation on the same machine: bit for bit
@@ -223,4 +223,4 @@ def test_config_round_trip(name):
 def test_not_ported_cases_are_refused_or_absent():
     """The reasons in NOT_PORTED hold: thresholding is refused by name."""
     with pytest.raises(UserError, match="thresholding"):
-        schedulers.make("dpmpp_2m", {**CONFIGS["dpmpp_2m"], "thresholding": True})
+        samplers.make("dpmpp_2m", {**CONFIGS["dpmpp_2m"], "thresholding": True})

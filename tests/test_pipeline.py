@@ -92,10 +92,10 @@ def test_a_seed_means_one_image_and_another_seed_another(checkpoints):
     assert not np.array_equal(np.asarray(a), np.asarray(c))
 
 
-def test_default_scheduler_and_size_come_from_the_checkpoint(checkpoints):
+def test_default_sampler_and_size_come_from_the_checkpoint(checkpoints):
     """The folder's scheduler_config.json and unet sample_size; for single files, the family's convention."""
-    assert pipeline(checkpoints, "sd1", "folder").default_scheduler == "pndm"
-    assert pipeline(checkpoints, "sd2", "folder").default_scheduler == "ddim"
+    assert pipeline(checkpoints, "sd1", "folder").default_sampler == "pndm"
+    assert pipeline(checkpoints, "sd2", "folder").default_sampler == "ddim"
     assert pipeline(checkpoints, "sd1", "folder").default_size == 6 * 8
     assert pipeline(checkpoints, "sd1", "single file").default_size == 512
     assert pipeline(checkpoints, "sd2", "single file").default_size == 768

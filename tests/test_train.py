@@ -152,7 +152,7 @@ def test_saved_folder_loads_through_the_ordinary_loader(tmp_path):
     pipe = tiny_pipeline()
     train.save_folder(pipe, tmp_path / "tiny", dtype=torch.float32)
     loaded = sdlite.load(tmp_path / "tiny")
-    assert loaded.default_size == 16 and loaded.default_scheduler == "ddim"
+    assert loaded.default_size == 16 and loaded.default_sampler == "ddim"
     assert loaded.vae.config == pipe.vae.config and loaded.unet.config == pipe.unet.config
     for a, b in ((pipe.unet, loaded.unet), (pipe.vae, loaded.vae), (pipe.text_encoder, loaded.text_encoder)):
         assert a.state_dict().keys() == b.state_dict().keys()
@@ -224,7 +224,7 @@ def default_model():
 def test_default_model_is_small_and_loads(default_model):
     size = sum(f.stat().st_size for f in DEFAULT_MODEL.rglob("*") if f.is_file())
     assert size <= 20 * 2**20
-    assert default_model.default_size == 64 and default_model.default_scheduler == "ddim"
+    assert default_model.default_size == 64 and default_model.default_sampler == "ddim"
 
 
 def test_default_model_follows_prompts(default_model):

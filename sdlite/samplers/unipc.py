@@ -7,11 +7,13 @@ from typing import ClassVar
 
 import torch
 
-from . import schedule
+from .base import MultistepSampler
+from .conversions import alpha_sigma, log_snr, multistep_sigmas, x0_from
+from .training_schedule import TrainingSchedule
 
 
 @dataclass
-class UniPCConfig(schedule.TrainingSchedule):
+class UniPCConfig(TrainingSchedule):
     timestep_spacing: str = "linspace"
     solver_order: int = 2  # 1, 2 or 3
     solver_type: str = "bh2"  # B(h): "bh2" e^h - 1, "bh1" h (the DPM-Solver types are the reference's aliases of bh2)
@@ -29,23 +31,21 @@ class UniPCConfig(schedule.TrainingSchedule):
                             "solver_p": (None,), "use_dynamic_shifting": (False,), "shift_terminal": (None,)}
 
 
-class UniPC(schedule.MultistepSampler):
-    def set_timesteps(self, n: int, strength: float = 1.0) -> torch.Tensor:
-        self.timesteps, self.sigmas = schedule.multistep_sigmas(
+class UniPC(MultistepSampler):
+    def plan(self, n: int) -> None:
+        self.timesteps, self.sigmas = multistep_sigmas(
             self.cfg, self.alphas_cumprod, n, "karras" if self.cfg.use_karras_sigmas else None,
             self.cfg.final_sigmas_type)
-        self.i = schedule.img2img_start(n, strength)  # index of the current step
         self.x0s = []  # the x_0 estimates of the last (up to solver_order) steps, oldest first
         self.last_x = None  # the sample the last prediction started from
         self.last_order = 0  # the order of the last prediction
-        return self.timesteps[self.i:]
 
-    def step(self, model_output: torch.Tensor, t, x: torch.Tensor, generator=None) -> torch.Tensor:
+    def update(self, model_output: torch.Tensor, x: torch.Tensor, generator=None) -> torch.Tensor:
         """Correct x with this step's x_0 estimate (UniC), then predict the next sample (UniP). The order is
         solver_order but at the first steps (too little history) and, with lower_order_final, the last ones (at most
         the number of steps left)."""
-        alpha, sigma = schedule.alpha_sigma(self.sigmas[self.i])
-        x0 = schedule.x0_from(self.cfg.prediction_type, model_output, x, alpha, sigma)
+        alpha, sigma = alpha_sigma(self.sigmas[self.i])
+        x0 = x0_from(self.cfg.prediction_type, model_output, x, alpha, sigma)
         if self.last_x is not None and self.i - 1 not in self.cfg.disable_corrector:
             x = self.correct(x0)
         self.x0s = (self.x0s + [x0])[-self.cfg.solver_order:]
@@ -54,9 +54,7 @@ class UniPC(schedule.MultistepSampler):
             order = min(order, len(self.timesteps) - self.i)
         self.last_order = min(order, len(self.x0s))
         self.last_x = x
-        x = self.predict(x)
-        self.i += 1
-        return x
+        return self.predict(x)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """UniP-p from step i to i + 1 with the p - 1 earlier x_0 estimates: the first-order step minus
@@ -95,16 +93,16 @@ class UniPC(schedule.MultistepSampler):
         """The step i -> i + 1 of DPM-Solver++ 1 (DDIM) with the latest x_0 estimate, x0s[-1]:
         (sigma_{i+1} / sigma_i) x - alpha_{i+1} (e^-h - 1) x0. Returns it, h = lambda_{i+1} - lambda_i and
         alpha_{i+1} B(-h)."""
-        _, sigma = schedule.alpha_sigma(self.sigmas[i])
-        alpha_next, sigma_next = schedule.alpha_sigma(self.sigmas[i + 1])
-        h = schedule.log_snr(self.sigmas[i + 1]) - schedule.log_snr(self.sigmas[i])
+        _, sigma = alpha_sigma(self.sigmas[i])
+        alpha_next, sigma_next = alpha_sigma(self.sigmas[i + 1])
+        h = log_snr(self.sigmas[i + 1]) - log_snr(self.sigmas[i])
         alpha_b = alpha_next * (torch.expm1(-h) if self.cfg.solver_type != "bh1" else -h)
         return sigma_next / sigma * x - alpha_next * torch.expm1(-h) * self.x0s[-1], h, alpha_b
 
     def history(self, i: int, h: torch.Tensor, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The nodes of the step from i: r_j = (lambda_{i-j} - lambda_i) / h for the k earlier estimates and 1 for the
         step's end, and the differences D_j = (x0_{i-j} - x0_i) / r_j, j = 1..k (x0_i is x0s[-1])."""
-        lam = schedule.log_snr(self.sigmas[i])
-        r = [(schedule.log_snr(self.sigmas[i - j]) - lam) / h for j in range(1, k + 1)]
+        lam = log_snr(self.sigmas[i])
+        r = [(log_snr(self.sigmas[i - j]) - lam) / h for j in range(1, k + 1)]
         d = [(self.x0s[-1 - j] - self.x0s[-1]) / r_j for j, r_j in enumerate(r, 1)]
         return torch.stack(r + [torch.ones(())]), d

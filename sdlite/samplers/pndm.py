@@ -9,25 +9,27 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from . import schedule
+from .base import Sampler
+from .conversions import eps_from
+from .training_schedule import TrainingSchedule, spaced_timesteps
 
 PRK_STEPS = 3  # Runge-Kutta warm-up steps: enough model outputs for the fourth-order linear multi-step formula
 
 
 @dataclass
-class PNDMConfig(schedule.TrainingSchedule):
+class PNDMConfig(TrainingSchedule):
     set_alpha_to_one: bool = False  # alpha_bar "before" t = 0: 1, or alpha_bar_0
     skip_prk_steps: bool = False  # warm up with one pseudo improved Euler step instead of three pseudo RK4 steps
     # Options of the reference that we do not implement: the only values accepted.
     only: ClassVar[dict] = {"prediction_type": ("epsilon", "v_prediction")}
 
 
-class PNDM(schedule.Sampler):
+class PNDM(Sampler):
     def __init__(self, cfg: PNDMConfig):
         super().__init__(cfg)
         self.final_alpha_cumprod = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
 
-    def set_timesteps(self, n: int, strength: float = 1.0) -> torch.Tensor:
+    def plan(self, n: int) -> None:
         """The timesteps at which the model is evaluated, in the reference's order.
 
         skip_prk_steps: n + 1, the second repeated for the second evaluation of the warm-up step. Otherwise the three
@@ -35,7 +37,7 @@ class PNDM(schedule.Sampler):
         (h = T // n, h/2 rounded down), then PLMS runs from the fourth largest on: 4 * 3 + n - 3 in all.
         """
         self.step_size = self.cfg.num_train_timesteps // n
-        t = schedule.spaced_timesteps(self.cfg, n).round().astype(np.int64)
+        t = spaced_timesteps(self.cfg, n).round().astype(np.int64)
         if self.cfg.skip_prk_steps:
             self.prk_timesteps = t[:0]
             plms_timesteps = np.concatenate([t[:1], t[1:2], t[1:]])
@@ -49,15 +51,15 @@ class PNDM(schedule.Sampler):
             plms_timesteps = t[PRK_STEPS:]
         self.timesteps = torch.from_numpy(np.concatenate([self.prk_timesteps, plms_timesteps]).astype(np.int64))
         self.outputs = []  # the last (up to 4) model outputs at the steps' starts, oldest first
-        self.counter = 0  # model evaluations so far
+        self.counter = 0  # model evaluations so far in this run: the place in the warm-up (from the img2img start)
         self.start_x = None  # the sample the current warm-up step starts from
         self.rk_sum = 0  # the RK4 step's weighted sum of model outputs so far
-        return self.timesteps[schedule.img2img_start(n, strength):]
 
-    def step(self, model_output: torch.Tensor, t, x: torch.Tensor, generator=None) -> torch.Tensor:
+    def update(self, model_output: torch.Tensor, x: torch.Tensor, generator=None) -> torch.Tensor:
+        t = int(self.timesteps[self.i])
         if self.counter < len(self.prk_timesteps):
-            return self.step_prk(model_output, int(t), x)
-        return self.step_plms(model_output, int(t), x)
+            return self.step_prk(model_output, t, x)
+        return self.step_plms(model_output, t, x)
 
     def step_prk(self, model_output: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
         """One of the four evaluations of a pseudo RK4 step from s to s - h (Liu et al. eq. 10): e_1 at s moves the
@@ -111,6 +113,6 @@ class PNDM(schedule.Sampler):
         x_prev = sqrt(a'/a) x - (a' - a) eps / (a sqrt(1 - a') + sqrt(a (1 - a) a')), a = alpha_bar_t, a' at t_prev."""
         alpha_bar = self.alphas_cumprod[t]
         alpha_bar_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else self.final_alpha_cumprod
-        eps = schedule.eps_from(self.cfg.prediction_type, model_output, x, alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5)
+        eps = eps_from(self.cfg.prediction_type, model_output, x, alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5)
         denominator = alpha_bar * (1 - alpha_bar_prev) ** 0.5 + (alpha_bar * (1 - alpha_bar) * alpha_bar_prev) ** 0.5
         return (alpha_bar_prev / alpha_bar) ** 0.5 * x - (alpha_bar_prev - alpha_bar) * eps / denominator

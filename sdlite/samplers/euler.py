@@ -6,11 +6,13 @@ from typing import ClassVar
 
 import torch
 
-from . import schedule
+from .base import SigmaSampler
+from .conversions import denoised
+from .training_schedule import TrainingSchedule
 
 
 @dataclass
-class EulerConfig(schedule.TrainingSchedule):
+class EulerConfig(TrainingSchedule):
     timestep_spacing: str = "linspace"
     use_karras_sigmas: bool = False  # space the sigmas by Karras et al. eq. 5
     final_sigmas_type: str = "zero"  # the last step goes to sigma 0 ("zero") or to sigma at t = 0 ("sigma_min")
@@ -21,11 +23,10 @@ class EulerConfig(schedule.TrainingSchedule):
                             "timestep_type": ("discrete",), "final_sigmas_type": ("zero", "sigma_min")}
 
 
-class Euler(schedule.SigmaSampler):
-    def step(self, model_output: torch.Tensor, t, x: torch.Tensor, generator=None) -> torch.Tensor:
+class Euler(SigmaSampler):
+    def update(self, model_output: torch.Tensor, x: torch.Tensor, generator=None) -> torch.Tensor:
         """x <- x + (sigma_next - sigma) d, d = (x - x_0) / sigma."""
-        sigma = self.sigmas[self.i]
-        x0 = schedule.denoised(self.cfg.prediction_type, model_output, x, sigma)
+        sigma, sigma_next = self.sigmas[self.i], self.sigmas[self.i + 1]
+        x0 = denoised(self.cfg.prediction_type, model_output, x, sigma)
         derivative = (x - x0) / sigma
-        self.i += 1
-        return x + derivative * (self.sigmas[self.i] - sigma)
+        return x + derivative * (sigma_next - sigma)

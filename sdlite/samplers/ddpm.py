@@ -6,11 +6,13 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from . import schedule
+from .base import Sampler
+from .conversions import noise_like, x0_from
+from .training_schedule import TrainingSchedule, spaced_timesteps
 
 
 @dataclass
-class DDPMConfig(schedule.TrainingSchedule):
+class DDPMConfig(TrainingSchedule):
     clip_sample: bool = True  # clamp the x_0 estimate to [-clip_sample_range, clip_sample_range]
     clip_sample_range: float = 1.0
     rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2023)
@@ -18,23 +20,22 @@ class DDPMConfig(schedule.TrainingSchedule):
     only: ClassVar[dict] = {"variance_type": ("fixed_small", None), "thresholding": (False,)}
 
 
-class DDPM(schedule.Sampler):
-    def set_timesteps(self, n: int, strength: float = 1.0) -> torch.Tensor:
-        self.timesteps = torch.from_numpy(schedule.spaced_timesteps(self.cfg, n).round().astype(np.int64))
-        return self.timesteps[schedule.img2img_start(n, strength):]
+class DDPM(Sampler):
+    def plan(self, n: int) -> None:
+        self.timesteps = torch.from_numpy(spaced_timesteps(self.cfg, n).round().astype(np.int64))
 
-    def step(self, model_output: torch.Tensor, t, x: torch.Tensor, generator=None) -> torch.Tensor:
+    def update(self, model_output: torch.Tensor, x: torch.Tensor, generator=None) -> torch.Tensor:
         """Sample the posterior q(x_prev | x_t, x_0) at the model's x_0 (Ho et al. eq. 6-7), prev the next timestep
         of the schedule. Its variance is beta~ = (1 - alpha_bar_prev) / (1 - alpha_bar_t) beta; no noise is added
         at t = 0."""
-        t = int(t)
-        i = (self.timesteps == t).nonzero()[0].item()
+        i = self.i
+        t = int(self.timesteps[i])
         prev_t = self.timesteps[i + 1].item() if i + 1 < len(self.timesteps) else -1
         alpha_bar = self.alphas_cumprod[t]
         alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)
         alpha = alpha_bar / alpha_bar_prev  # of the (possibly multi-step) jump prev -> t
         beta = 1 - alpha
-        x0 = schedule.x0_from(self.cfg.prediction_type, model_output, x, alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5)
+        x0 = x0_from(self.cfg.prediction_type, model_output, x, alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5)
         if self.cfg.clip_sample:
             x0 = x0.clamp(-self.cfg.clip_sample_range, self.cfg.clip_sample_range)
         x0_coeff = alpha_bar_prev ** 0.5 * beta / (1 - alpha_bar)
@@ -43,4 +44,4 @@ class DDPM(schedule.Sampler):
         if t == 0:
             return mean
         variance = torch.clamp((1 - alpha_bar_prev) / (1 - alpha_bar) * beta, min=1e-20)
-        return mean + variance ** 0.5 * schedule.noise_like(model_output, generator)
+        return mean + variance ** 0.5 * noise_like(model_output, generator)

@@ -6,11 +6,13 @@ from typing import ClassVar
 
 import torch
 
-from . import schedule
+from .base import MultistepSampler
+from .conversions import alpha_sigma, log_snr, multistep_sigmas, x0_from
+from .training_schedule import TrainingSchedule
 
 
 @dataclass
-class DPMSolverConfig(schedule.TrainingSchedule):
+class DPMSolverConfig(TrainingSchedule):
     timestep_spacing: str = "linspace"
     solver_order: int = 2  # 1, 2 or 3
     solver_type: str = "midpoint"  # the second-order formula: "midpoint" or "heun" (the aliases are "midpoint")
@@ -30,17 +32,15 @@ class DPMSolverConfig(schedule.TrainingSchedule):
                             "use_flow_sigmas": (False,), "use_dynamic_shifting": (False,)}
 
 
-class DPMSolver(schedule.MultistepSampler):
-    def set_timesteps(self, n: int, strength: float = 1.0) -> torch.Tensor:
+class DPMSolver(MultistepSampler):
+    def plan(self, n: int) -> None:
         cfg = self.cfg
         spacing = "karras" if cfg.use_karras_sigmas else "lu" if cfg.use_lu_lambdas else None
         # The reference truncates (does not round) the re-spaced timesteps of the cosine schedule.
-        self.timesteps, self.sigmas = schedule.multistep_sigmas(
+        self.timesteps, self.sigmas = multistep_sigmas(
             cfg, self.alphas_cumprod, n, spacing, cfg.final_sigmas_type,
             round_timesteps=cfg.beta_schedule != "squaredcos_cap_v2")
-        self.i = schedule.img2img_start(n, strength)  # index of the current step
         self.x0s = []  # the x_0 estimates of the last (up to solver_order) steps, oldest first
-        return self.timesteps[self.i:]
 
     def order(self) -> int:
         """The order of this step: solver_order, lower while there is too little history, and at the end: first
@@ -54,23 +54,23 @@ class DPMSolver(schedule.MultistepSampler):
             return min(cfg.solver_order, len(self.x0s), 2)
         return min(cfg.solver_order, len(self.x0s))
 
-    def step(self, model_output: torch.Tensor, t, x: torch.Tensor, generator=None) -> torch.Tensor:
+    def update(self, model_output: torch.Tensor, x: torch.Tensor, generator=None) -> torch.Tensor:
         """Exact integration of the linear part, and of the x_0 estimate extrapolated in lambda from this step's
         (D0) and the previous ones' (Lu et al. 2022, eq. 9 and algorithm 2):
         x_next = (sigma_next / sigma) x - alpha_next (e^-h - 1) D0 + [order 2 and 3 terms], h = lambda_next - lambda.
         """
         s, s_next = self.sigmas[self.i], self.sigmas[self.i + 1]
-        alpha, sigma = schedule.alpha_sigma(s)
-        alpha_next, sigma_next = schedule.alpha_sigma(s_next)
-        x0 = schedule.x0_from(self.cfg.prediction_type, model_output, x, alpha, sigma)
+        alpha, sigma = alpha_sigma(s)
+        alpha_next, sigma_next = alpha_sigma(s_next)
+        x0 = x0_from(self.cfg.prediction_type, model_output, x, alpha, sigma)
         self.x0s = (self.x0s + [x0])[-self.cfg.solver_order:]
         order = self.order()
-        h = schedule.log_snr(s_next) - schedule.log_snr(s)
+        h = log_snr(s_next) - log_snr(s)
         phi = torch.exp(-h) - 1.0
         x = sigma_next / sigma * x - alpha_next * phi * self.x0s[-1]
         if order >= 2:
             # D1 = (D0 - x0_prev) / r0, r0 = h_prev / h: the slope in lambda, times h
-            h0 = schedule.log_snr(s) - schedule.log_snr(self.sigmas[self.i - 1])
+            h0 = log_snr(s) - log_snr(self.sigmas[self.i - 1])
             d1_0 = (self.x0s[-1] - self.x0s[-2]) / (h0 / h)
         if order == 2:
             if self.cfg.solver_type == "heun":  # the exact integral of the linear extrapolation
@@ -79,11 +79,10 @@ class DPMSolver(schedule.MultistepSampler):
                 x = x - 0.5 * alpha_next * phi * d1_0
         elif order == 3:
             # quadratic extrapolation through the last three x_0 estimates: first and second divided differences
-            h1 = schedule.log_snr(self.sigmas[self.i - 1]) - schedule.log_snr(self.sigmas[self.i - 2])
+            h1 = log_snr(self.sigmas[self.i - 1]) - log_snr(self.sigmas[self.i - 2])
             r0, r1 = h0 / h, h1 / h
             d1_1 = (self.x0s[-2] - self.x0s[-3]) / r1
             d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
             d2 = (d1_0 - d1_1) / (r0 + r1)
             x = x + alpha_next * (phi / h + 1.0) * d1 - alpha_next * ((phi + h) / h ** 2 - 0.5) * d2
-        self.i += 1
         return x

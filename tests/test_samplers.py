@@ -1,4 +1,4 @@
-"""sdlite's samplers against diffusers' schedulers, as tests/fixtures/make_schedulers.py recorded them: the same
+"""sdlite's samplers against diffusers' schedulers, as tests/fixtures/make_samplers.py recorded them: the same
 configs, the same fake model, the same seeded generator."""
 import json
 import math
@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdlite import schedulers
+from sdlite import samplers
 from sdlite.pipeline import rescale_guidance
 from sdlite.errors import UserError
-from sdlite.schedulers import schedule
+from sdlite.samplers import conversions
 
 FIXTURES = Path(__file__).parent / "fixtures"
 META = json.loads((FIXTURES / "schedulers_configs.json").read_text())
@@ -41,13 +41,13 @@ def timestep_tolerance(sampler) -> float:
     with fp32 training sigmas whose sqrt/pow may round 1 ulp differently per CPU (and the log another ulp): an
     absolute error of about 2 EPS over the smallest gap between neighbouring log sigmas, plus the fp32 rounding
     of t itself (t < T)."""
-    train = schedule.train_sigmas(sampler.alphas_cumprod).astype(np.float64)
+    train = conversions.train_sigmas(sampler.alphas_cumprod).astype(np.float64)
     gap = np.diff(np.log(train)).min()
     return 2 * EPS / gap + EPS * len(train)
 
 
 def fake_model(x: torch.Tensor, t) -> torch.Tensor:
-    """The stand-in for the UNet that make_schedulers.py used."""
+    """The stand-in for the UNet that make_samplers.py used."""
     return 0.7 * x + W * math.cos(float(t) / 150.0)
 
 
@@ -60,11 +60,11 @@ def recorded(name: str) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
     return runs
 
 
-RECORDED = {name: recorded(name) for name in schedulers.NAMES}
+RECORDED = {name: recorded(name) for name in samplers.NAMES}
 
 
 def run(sampler, n: int, strength: float) -> dict:
-    """Drive the sampler as make_schedulers.py drove the reference (and as the pipelines do)."""
+    """Drive the sampler as make_samplers.py drove the reference (and as the pipelines do)."""
     timesteps = sampler.set_timesteps(n, strength)
     out = {"timesteps": timesteps, "init_sigma": sampler.init_sigma}
     if strength < 1:
@@ -85,7 +85,7 @@ def config_of(name: str, config: str) -> dict:
     if config.startswith("pipeline_"):
         base = config.removeprefix("pipeline_").removesuffix("_inpaint")
         inpainting = config.endswith("_inpaint")
-        return schedulers.as_pipelines_see_it(name, META["pipeline_configs"][base], inpainting)
+        return samplers.as_pipelines_see_it(name, META["pipeline_configs"][base], inpainting)
     return CONFIGS[config]
 
 
@@ -93,11 +93,11 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours - reference).abs().max() / reference.abs().max()).item()
 
 
-@pytest.mark.parametrize("name,config", [(name, config) for name in schedulers.NAMES for config in RECORDED[name]])
+@pytest.mark.parametrize("name,config", [(name, config) for name in samplers.NAMES for config in RECORDED[name]])
 def test_matches_reference(name, config):
     for job, reference in RECORDED[name][config].items():
         n, strength = re.fullmatch(r"n(\d+)(?:_strength(.+))?", job).groups()
-        sampler = schedulers.make(name, config_of(name, config))
+        sampler = samplers.make(name, config_of(name, config))
         ours = run(sampler, int(n), float(strength or 1.0))
         assert ours["timesteps"].dtype == reference["timesteps"].dtype, job
         if reference["timesteps"].dtype == torch.int64:  # integers, rounded as the reference rounds: exact
@@ -114,10 +114,10 @@ def test_matches_reference(name, config):
 
 
 def test_every_sampler_and_config_is_recorded():
-    assert set(RECORDED) == set(schedulers.NAMES)
-    for name in schedulers.NAMES:
+    assert set(RECORDED) == set(samplers.NAMES)
+    for name in samplers.NAMES:
         refused = set(META["refused"].get(name, []))
-        # configs where the reference gives only non-finite values (see make_schedulers.py), at most one per sampler
+        # configs where the reference gives only non-finite values (see make_samplers.py), at most one per sampler
         unrecorded = set(META["unrecorded"][name])
         assert len(unrecorded) <= 1, name
         pipeline = {f"pipeline_{c}{kind}" for c in META["pipeline_configs"] for kind in ("", "_inpaint")}
@@ -127,7 +127,7 @@ def test_every_sampler_and_config_is_recorded():
 @pytest.mark.parametrize("name,config", [(n, c) for n, configs in META["refused"].items() for c in configs])
 def test_refuses_what_the_reference_refuses(name, config):
     with pytest.raises(NotImplementedError):
-        run(schedulers.make(name, CONFIGS[config]), 7, 1.0)
+        run(samplers.make(name, CONFIGS[config]), 7, 1.0)
 
 
 @pytest.mark.parametrize("name,option", [
@@ -138,7 +138,7 @@ def test_refuses_what_the_reference_refuses(name, config):
 def test_refuses_unimplemented_options(name, option):
     """By name, in one line, as a UserError (which the CLI prints as its one line) that is a NotImplementedError."""
     with pytest.raises(NotImplementedError) as refused:
-        schedulers.make(name, {**CONFIGS["sd1"], **option})
+        samplers.make(name, {**CONFIGS["sd1"], **option})
     assert isinstance(refused.value, UserError)
     message = str(refused.value)
     assert "\n" not in message and name in message and next(iter(option)) in message
@@ -146,20 +146,39 @@ def test_refuses_unimplemented_options(name, option):
 
 def test_options_of_other_samplers_are_ignored():
     """As in diffusers' from_config: a key the target sampler does not have changes nothing."""
-    plain = run(schedulers.make("pndm", CONFIGS["sd1"]), 7, 1.0)
-    other = run(schedulers.make("pndm", {**CONFIGS["sd1"], "solver_order": 3, "use_karras_sigmas": True}), 7, 1.0)
+    plain = run(samplers.make("pndm", CONFIGS["sd1"]), 7, 1.0)
+    other = run(samplers.make("pndm", {**CONFIGS["sd1"], "solver_order": 3, "use_karras_sigmas": True}), 7, 1.0)
     assert torch.equal(plain["x6"], other["x6"])
+
+
+@pytest.mark.parametrize("name", samplers.NAMES)
+def test_steps_run_at_the_cursor_in_order(name):
+    """The contract (samplers/base.py): set_timesteps puts the cursor on the first step and each step moves it on by
+    one; a step whose t is not the current timestep (skipped ahead) is refused and changes nothing, and so is a step
+    after the last."""
+    sampler = samplers.make(name, CONFIGS["sd1"])
+    timesteps = sampler.set_timesteps(4)
+    with pytest.raises(ValueError, match="in order"):
+        sampler.step(fake_model(X0, timesteps[-1]), timesteps[-1], X0)
+    x = X0 * sampler.init_sigma
+    generator = torch.Generator().manual_seed(META["generator_seed"])
+    for t in timesteps:
+        x = sampler.step(fake_model(sampler.scale_input(x, t), t), t, x, generator)
+    undisturbed = run(samplers.make(name, CONFIGS["sd1"]), 4, 1.0)[f"x{len(timesteps) - 1}"]
+    assert torch.equal(x, undisturbed)  # the same computation on the same machine: bit for bit
+    with pytest.raises(ValueError, match="in order"):
+        sampler.step(fake_model(x, timesteps[-1]), timesteps[-1], x)
 
 
 def test_unknown_name():
     with pytest.raises(ValueError):
-        schedulers.make("heun", CONFIGS["sd1"])
+        samplers.make("heun", CONFIGS["sd1"])
 
 
 def test_class_names():
-    assert set(schedulers.CLASS_NAMES.values()) <= set(schedulers.NAMES)
-    assert schedulers.CLASS_NAMES[CONFIGS["sd1"]["_class_name"]] == "pndm"
-    assert schedulers.CLASS_NAMES[CONFIGS["sd2v"]["_class_name"]] == "ddim"
+    assert set(samplers.CLASS_NAMES.values()) <= set(samplers.NAMES)
+    assert samplers.CLASS_NAMES[CONFIGS["sd1"]["_class_name"]] == "pndm"
+    assert samplers.CLASS_NAMES[CONFIGS["sd2v"]["_class_name"]] == "ddim"
 
 
 def test_guidance_rescale_matches_reference():

@@ -6,11 +6,13 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from . import schedule
+from .base import Sampler
+from .conversions import eps_from, x0_from
+from .training_schedule import TrainingSchedule, spaced_timesteps
 
 
 @dataclass
-class DDIMConfig(schedule.TrainingSchedule):
+class DDIMConfig(TrainingSchedule):
     clip_sample: bool = True  # clamp the x_0 estimate to [-clip_sample_range, clip_sample_range]
     clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True  # alpha_bar "before" t = 0: 1, or alpha_bar_0
@@ -19,28 +21,27 @@ class DDIMConfig(schedule.TrainingSchedule):
     only: ClassVar[dict] = {"thresholding": (False,)}
 
 
-class DDIM(schedule.Sampler):
+class DDIM(Sampler):
     def __init__(self, cfg: DDIMConfig):
         super().__init__(cfg)
         self.final_alpha_cumprod = torch.tensor(1.0) if cfg.set_alpha_to_one else self.alphas_cumprod[0]
 
-    def set_timesteps(self, n: int, strength: float = 1.0) -> torch.Tensor:
+    def plan(self, n: int) -> None:
         self.step_size = self.cfg.num_train_timesteps // n
-        self.timesteps = torch.from_numpy(schedule.spaced_timesteps(self.cfg, n).round().astype(np.int64))
-        return self.timesteps[schedule.img2img_start(n, strength):]
+        self.timesteps = torch.from_numpy(spaced_timesteps(self.cfg, n).round().astype(np.int64))
 
-    def step(self, model_output: torch.Tensor, t, x: torch.Tensor, generator=None) -> torch.Tensor:
+    def update(self, model_output: torch.Tensor, x: torch.Tensor, generator=None) -> torch.Tensor:
         """x_{t-1} = sqrt(alpha_bar_prev) x_0 + sqrt(1 - alpha_bar_prev) eps (Song et al. eq. 12 with sigma_t = 0).
 
         The previous timestep is t - T // n, whatever the spacing (as in the reference).
         """
-        t = int(t)
+        t = int(self.timesteps[self.i])
         prev_t = t - self.step_size
         alpha_bar = self.alphas_cumprod[t]
         alpha_bar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         alpha, sigma = alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5
-        x0 = schedule.x0_from(self.cfg.prediction_type, model_output, x, alpha, sigma)
-        eps = schedule.eps_from(self.cfg.prediction_type, model_output, x, alpha, sigma)
+        x0 = x0_from(self.cfg.prediction_type, model_output, x, alpha, sigma)
+        eps = eps_from(self.cfg.prediction_type, model_output, x, alpha, sigma)
         if self.cfg.clip_sample:
             x0 = x0.clamp(-self.cfg.clip_sample_range, self.cfg.clip_sample_range)
         return alpha_bar_prev ** 0.5 * x0 + (1 - alpha_bar_prev) ** 0.5 * eps

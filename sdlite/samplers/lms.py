@@ -7,25 +7,27 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from . import schedule
+from .base import SigmaSampler
+from .conversions import denoised
+from .training_schedule import TrainingSchedule
 
 ORDER = 4
 
 
 @dataclass
-class LMSConfig(schedule.TrainingSchedule):
+class LMSConfig(TrainingSchedule):
     timestep_spacing: str = "linspace"
     use_karras_sigmas: bool = False  # space the sigmas by Karras et al. eq. 5
     # Options of the reference that we do not implement: the only values accepted.
     only: ClassVar[dict] = {"use_exponential_sigmas": (False,), "use_beta_sigmas": (False,)}
 
 
-class LMS(schedule.SigmaSampler):
-    def set_timesteps(self, n: int, strength: float = 1.0) -> torch.Tensor:
+class LMS(SigmaSampler):
+    def plan(self, n: int) -> None:
+        super().plan(n)
         self.derivatives = []  # the last (up to ORDER) dx/dsigma, oldest first
-        return super().set_timesteps(n, strength)
 
-    def step(self, model_output: torch.Tensor, t, x: torch.Tensor, generator=None) -> torch.Tensor:
+    def update(self, model_output: torch.Tensor, x: torch.Tensor, generator=None) -> torch.Tensor:
         """x <- x + sum_j c_j d_{i-j}: the integral from sigma_i to sigma_{i+1} of the polynomial through the last
         derivatives d = (x - x_0) / sigma.
 
@@ -33,13 +35,11 @@ class LMS(schedule.SigmaSampler):
         start, the first steps use the leading coefficients of a higher-order fit over the derivatives there are.
         """
         sigma = self.sigmas[self.i]
-        x0 = schedule.denoised(self.cfg.prediction_type, model_output, x, sigma)
+        x0 = denoised(self.cfg.prediction_type, model_output, x, sigma)
         self.derivatives = (self.derivatives + [(x - x0) / sigma])[-ORDER:]
         order = min(self.i + 1, ORDER)
         coeffs = [self.coefficient(order, j) for j in range(order)]
-        x = x + sum(c * d for c, d in zip(coeffs, reversed(self.derivatives)))
-        self.i += 1
-        return x
+        return x + sum(c * d for c, d in zip(coeffs, reversed(self.derivatives)))
 
     def coefficient(self, order: int, j: int) -> float:
         """Integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial through the nodes sigma_i,
