@@ -11,8 +11,10 @@ def interrupted_while_starting(signum, frame):
     os._exit(130)
 
 
-# Only as the program (python -m sdlite), and only if Ctrl-C is not ignored (as in a background job).
-starting = __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+# Only as the program (python -m sdlite, or the `sdlite` console script, which imports this module to call main),
+# and only if Ctrl-C is not ignored (as in a background job).
+starting = ((__name__ == "__main__" or os.path.basename(sys.argv[0]) == "sdlite")
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
 if starting:
     signal.signal(signal.SIGINT, interrupted_while_starting)
 
