@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, prompts, samplers, train
-from .checkpoint import load
+from . import __version__, prompts, samplers, schedule, train
+from .checkpoint import load, read_json, resolve
 from .errors import UserError
 from .image import check_writable, save_png
 from .lora import find_lora, split_lora_tags
 from .pipeline import check_text
+from .pixel import PixelPipeline, is_pixel_folder
 from .progress import Progress
 
 if starting:
@@ -104,6 +105,31 @@ def parser() -> argparse.ArgumentParser:
     inpaint.add_argument("--mask-blur", type=float, default=0.0, help="Gaussian blur radius of the mask, in pixels")
     inpaint.add_argument("--keep-unmasked", action="store_true",
                          help="paste the input back outside the mask, so those pixels stay exactly as they were")
+    sample = commands.add_parser("sample", help="images from a pixel-space DDPM (a DDPMPipeline / DDIMPipeline "
+                                                "folder)", formatter_class=HelpFormatter)
+    sample.set_defaults(run=sample_images)
+    sample.add_argument("--model", required=True, help="a diffusers folder with unet/ (a UNet2DModel) and scheduler/")
+    sample.add_argument("--steps", type=int, default=1000, help="sampling steps")
+    sample.add_argument("--scheduler", choices=samplers.NAMES, help="the sampler (default: the folder's own)")
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM's noise, 0 to 1 (1: DDPM's variance)")
+    sample.add_argument("--batch-size", type=int, default=1, help="images made by one call, from one seed")
+    sample.add_argument("--seed", type=int, help="the noise seed (default: a random seed, written into the PNG)")
+    sample.add_argument("--dtype", choices=DTYPES, default="fp32", help="precision of the weights and the computation")
+    sample.add_argument("--device", default="cpu", help="torch device")
+    sample.add_argument("--quiet", action="store_true", help="no progress display")
+    sample.add_argument("--out", type=Path, help="output PNG; with --batch-size N, NAME-0.png ... NAME-(N-1).png "
+                                                 "(default: sample-SEED.png)")
+    sample.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    plan = commands.add_parser("schedule", help="a model's noise schedule and the samplers' timesteps on it",
+                               formatter_class=HelpFormatter)
+    plan.set_defaults(run=show_schedule)
+    plan.add_argument("--model", required=True, help="a .safetensors file, a diffusers folder or a Hub id")
+    plan.add_argument("--scheduler", choices=samplers.NAMES, help="only this sampler (default: every one)")
+    plan.add_argument("--steps", type=int, default=50, help="sampling steps")
+    plan.add_argument("--print", action="store_true", help="list each sampler's timesteps (the default without --plot)")
+    plan.add_argument("--plot", type=Path, help="write alpha_bar, sigma and SNR over the training timesteps, the "
+                                                "samplers' timesteps marked, to this PNG (needs matplotlib)")
+    plan.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     train.add_command(commands, HelpFormatter)
     return p
 
@@ -179,6 +205,8 @@ def generate(args: argparse.Namespace) -> None:
     out = args.out or Path(f"{args.command}-{seed}.png")
     check_outputs(out, args.batch_size, args.overwrite)
     pipe = load(model, dtype=DTYPES[args.dtype], device=args.device, prediction_type=args.prediction_type)
+    if isinstance(pipe, PixelPipeline):
+        raise UserError(f"{model} is a pixel-space model without text: use `sdlite sample --model {model}`")
     pipe.vae.tiling = args.vae_tiling
     for path in args.embedding:
         pipe.load_embedding(path)
@@ -202,19 +230,60 @@ def generate(args: argparse.Namespace) -> None:
     else:
         images = pipe.inpaint(args.prompt, args.image, args.mask, strength=args.strength, mask_blur=args.mask_blur,
                               keep_unmasked=args.keep_unmasked, **settings)
+    write_images(images, out, args.overwrite)
+
+
+def write_images(images: list, out: Path, overwrite: bool) -> None:
+    """OUT, or OUT-0.png ... for a batch: all images or none (replaced files cannot be put back)."""
     written = []
     try:
         for i, image in enumerate(images):
             path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-            save_png(image, path, overwrite=args.overwrite)
+            save_png(image, path, overwrite=overwrite)
             written.append(path)
     except BaseException:
-        if not args.overwrite:  # all images or none; replaced files cannot be put back
+        if not overwrite:
             for path in written:
                 path.unlink(missing_ok=True)
         raise
     for path in written:
         print(path)
+
+
+def sample_images(args: argparse.Namespace) -> None:
+    """sample: load a pixel-space model, sample, write the PNGs."""
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**32, ()).item())
+    out = args.out or Path(f"sample-{seed}.png")
+    check_outputs(out, args.batch_size, args.overwrite)
+    pipe = load(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    if not isinstance(pipe, PixelPipeline):
+        raise UserError(f"{args.model} is a text-to-image model: use `sdlite txt2img PROMPT --model {args.model}`")
+    images = pipe.sample(steps=args.steps, scheduler=args.scheduler, batch_size=args.batch_size, seed=seed,
+                         eta=args.eta, progress=Progress("sample", quiet=args.quiet))
+    write_images(images, out, args.overwrite)
+
+
+def show_schedule(args: argparse.Namespace) -> None:
+    """schedule: the model's training schedule and the samplers' timesteps, listed and/or plotted."""
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1, not {args.steps}")
+    if args.plot is not None:
+        check_outputs(args.plot, 1, args.overwrite)
+    path = resolve(args.model)
+    if path.is_dir():   # the config alone: no weights read
+        index = read_json(path / "model_index.json")
+        pixel, config = is_pixel_folder(path, index), read_json(path / "scheduler" / "scheduler_config.json")
+    else:
+        pixel, config = False, load(path).scheduler_config
+    names = [args.scheduler] if args.scheduler else list(samplers.NAMES)
+    timesteps = schedule.sampler_timesteps(config, names, args.steps, pixel)
+    if args.print or args.plot is None:
+        print(schedule.listing(timesteps))
+    if args.plot is not None:
+        title = (f"{path.name}: {config.get('beta_schedule', 'linear')} betas, "
+                 f"T = {config.get('num_train_timesteps', 1000)}, {args.steps} steps")
+        schedule.plot(schedule.training_alphas_cumprod(config), timesteps, title, args.plot, args.overwrite)
+        print(args.plot)
 
 
 def lora_flag(text: str) -> tuple[Path, float]:

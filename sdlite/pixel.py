@@ -29,6 +29,13 @@ def is_pixel_folder(path: Path, index: dict) -> bool:
         (path / "unet").is_dir() and (path / "scheduler").is_dir() and not (path / "text_encoder").exists())
 
 
+def as_pixel_pipelines_see_it(name: str, scheduler_config: dict) -> dict:
+    """The scheduler config that the sampler `name` runs with on a pixel model: the folder's as it is (DDPMPipeline
+    and DDIMPipeline rewrite nothing), less variance_type for the samplers other than DDPM, which get eps alone (see
+    PixelPipeline.sample): diffusers' DPMSolverMultistepScheduler, the one other that reads the key, does the same."""
+    return {k: v for k, v in scheduler_config.items() if k != "variance_type" or name == "ddpm"}
+
+
 def load_folder(path: Path, dtype: torch.dtype) -> "PixelPipeline":
     """The PixelPipeline of a diffusers folder (unet/ with a UNet2DModel, scheduler/); old attention key names are
     renamed as diffusers does."""
@@ -75,9 +82,7 @@ class PixelPipeline:
             raise UserError(f"eta {eta} is DDIM's noise: use --scheduler ddim, or eta 0")
         if not 0 <= eta <= 1:
             raise UserError(f"eta must be between 0 and 1, not {eta}")
-        config = dict(self.scheduler_config, **({"eta": eta} if name == "ddim" else {}))
-        if name != "ddpm":   # a learned variance is DDPM's alone: the others get eps only (see sample), as
-            config.pop("variance_type", None)   # diffusers' DPMSolverMultistepScheduler takes it
+        config = dict(as_pixel_pipelines_see_it(name, self.scheduler_config), **({"eta": eta} if name == "ddim" else {}))
         try:
             sampler = samplers.make(name, config)
         except UserError:

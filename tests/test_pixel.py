@@ -7,11 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import sdlite
 from sdlite import UserError
+from sdlite.__main__ import main
 from sdlite.pixel import PixelPipeline
 from sdlite.unet2d import UNET2D_IMPLEMENTED, UNET2D_REFUSED, UNet2DConfig, renamed_old_attention_keys
 
@@ -130,3 +132,70 @@ def test_latent_folder_still_loads_as_text_to_image(tmp_path):
     assert is_pixel_folder(tmp_path, {})
     (tmp_path / "text_encoder").mkdir()
     assert not is_pixel_folder(tmp_path, {"_class_name": "StableDiffusionPipeline"})
+
+
+def test_sample_command_writes_the_images_once(tmp_path, capsys):
+    """`sample` writes the batch as OUT-0.png, OUT-1.png, the same images as PixelPipeline.sample; a second run
+    without --overwrite is one line and exit status 2, the files untouched."""
+    case = Case("cifar10", tmp_path)
+    out = tmp_path / "cat.png"
+    argv = ["sample", "--model", str(case.folder), "--steps", "4", "--scheduler", "ddim", "--batch-size", "2",
+            "--seed", "5", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    expected = sdlite.load(case.folder).sample(steps=4, scheduler="ddim", batch_size=2, seed=5)
+    written = [tmp_path / "cat-0.png", tmp_path / "cat-1.png"]
+    for path, image in zip(written, expected):
+        assert np.array_equal(np.array(Image.open(path)), np.array(image))   # the same code path, the same process
+    capsys.readouterr()
+    before = [path.read_bytes() for path in written]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "exists" in err and "--overwrite" in err and "\n" not in err
+    assert [path.read_bytes() for path in written] == before
+
+
+def test_commands_refuse_the_other_kind_of_model(tmp_path, capsys):
+    """txt2img on a pixel model and sample on a text-to-image one: one line each, exit status 2, no file."""
+    case = Case("plain", tmp_path)
+    latent = Path(__file__).parent.parent / "weights" / "default"
+    for argv, words in [(["txt2img", "a cat", "--model", str(case.folder)], "sample"),
+                        (["sample", "--model", str(latent)], "txt2img")]:
+        capsys.readouterr()
+        assert main([*argv, "--out", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_schedule_prints_ddpm_timesteps(tmp_path, capsys):
+    """DDPMScheduler.set_timesteps(50) gives 980, 960, ..., 0 (the leading spacing of T = 1000 by 20)."""
+    case = Case("cat", tmp_path)
+    assert main(["schedule", "--model", str(case.folder), "--scheduler", "ddpm", "--steps", "50", "--print"]) == 0
+    assert capsys.readouterr().out.strip() == "ddpm (50): " + ", ".join(str(t) for t in range(980, -1, -20))
+
+
+def test_schedule_of_a_latent_model_lists_every_sampler(capsys):
+    """Through the SD pipelines' rewrite (steps_offset 1): DDIM's 10 steps on SD's schedule are 901, 801, ..., 1."""
+    latent = Path(__file__).parent.parent / "weights" / "default"
+    assert main(["schedule", "--model", str(latent), "--steps", "10"]) == 0
+    lines = dict(line.split(" ", 1) for line in capsys.readouterr().out.strip().splitlines())
+    assert list(lines) == list(sdlite.samplers.NAMES)
+    assert lines["ddim"] == "(10): " + ", ".join(str(t) for t in range(901, 0, -100))
+
+
+def test_schedule_plot_without_matplotlib_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # import matplotlib now raises ImportError
+    case = Case("plain", tmp_path)
+    assert main(["schedule", "--model", str(case.folder), "--plot", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install" in err and "matplotlib" in err and "\n" not in err
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_schedule_plot_is_written(tmp_path, capsys):
+    pytest.importorskip("matplotlib")   # the optional extra sdlite[plot]
+    case = Case("improved", tmp_path)
+    plot = tmp_path / "schedule.png"
+    assert main(["schedule", "--model", str(case.folder), "--steps", "20", "--plot", str(plot)]) == 0
+    assert Image.open(plot).size[0] > 0
+    assert main(["schedule", "--model", str(case.folder), "--plot", str(plot)]) == 2   # never overwritten silently
