@@ -51,7 +51,7 @@ class PixelPipeline:
         self.unet = unet
         self.scheduler_config = scheduler_config   # the training schedule and the default sampler, diffusers' terms
         self.name = name
-        self.model_file: Path | None = None        # the weights file whose hash the PNGs carry (checkpoint.load sets it)
+        self.model_file: Path | None = None        # the weights file whose hash the PNGs carry (set by checkpoint.load)
 
     def to(self, device=None, dtype=None) -> "PixelPipeline":
         self.unet.to(device=device, dtype=dtype)
@@ -82,7 +82,9 @@ class PixelPipeline:
             raise UserError(f"eta {eta} is DDIM's noise: use --scheduler ddim, or eta 0")
         if not 0 <= eta <= 1:
             raise UserError(f"eta must be between 0 and 1, not {eta}")
-        config = dict(as_pixel_pipelines_see_it(name, self.scheduler_config), **({"eta": eta} if name == "ddim" else {}))
+        config = as_pixel_pipelines_see_it(name, self.scheduler_config)
+        if name == "ddim":
+            config["eta"] = eta
         try:
             sampler = samplers.make(name, config)
         except UserError:
@@ -106,6 +108,8 @@ class PixelPipeline:
         name = scheduler or self.default_sampler
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, not {batch_size}")
+        if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
+            raise UserError(f"seed must be an integer from 0 to 2**64 - 1, not {seed}")
         sampler = self.build_sampler(name, eta)
         trained = sampler.cfg.num_train_timesteps - sampler.cfg.steps_offset
         if not 1 <= steps <= trained:

@@ -84,8 +84,10 @@ class UNet2DConfig:
         if mid not in MID_TYPES:
             raise UserError(f"{where}: mid_block_type = {show(mid)} is not supported by sdlite "
                             f"(only {MID_TYPES[0]} or null)")
-        size = c.values.get("sample_size")
-        size = c.list_of("sample_size", None, int, 2) if isinstance(size, list) else (c.get("sample_size", 32, int),) * 2
+        if isinstance(c.values.get("sample_size"), list):   # [height, width]
+            size = c.list_of("sample_size", None, int, 2)
+        else:
+            size = (c.get("sample_size", 32, int),) * 2
         config = cls(
             sample_size=size,
             in_channels=c.get("in_channels", 3, int),

@@ -87,7 +87,7 @@ def test_sample_refuses_bad_settings(tmp_path):
     pipe = sdlite.load(Case("plain", tmp_path).folder)
     for settings, words in [({"steps": 0}, "steps"), ({"steps": 1001}, "steps"), ({"batch_size": 0}, "batch size"),
                             ({"scheduler": "nope"}, "unknown scheduler"), ({"eta": 0.5}, "eta"),
-                            ({"scheduler": "ddim", "eta": 2.0}, "eta")]:
+                            ({"scheduler": "ddim", "eta": 2.0}, "eta"), ({"seed": -1}, "seed")]:
         with pytest.raises(UserError, match=words):
             pipe.sample(**settings)
 
