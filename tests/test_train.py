@@ -14,7 +14,7 @@ from PIL import Image
 
 import sdlite
 from sdlite.clip import CLIPTextConfig, CLIPTextModel
-from sdlite.image import to_tensor
+from sdlite.image import to_images, to_tensor
 from sdlite.samplers.training_schedule import alphas_cumprod
 from sdlite.tokenizer import Tokenizer
 from sdlite.train import cli, data, loop, objectives, save, scenes, stages
@@ -42,6 +42,17 @@ def quiet(**changes) -> loop.TrainConfig:
 def scene_images(n: int, size: int) -> tuple[torch.Tensor, list[str]]:
     images, captions = scenes.dataset(n, scenes.all_scenes(), size=size, seed=0)
     return to_tensor(images), captions
+
+
+def test_a_batch_of_images_goes_to_tensors_and_back_unchanged():
+    """The training data's pixels in [-1, 1] (image.to_tensor on a batch), and sample grids' images made of them
+    (image.to_images): 0..255 -> v / 127.5 - 1 -> back to the same byte, for every level and a non-square batch."""
+    levels = np.arange(256, dtype=np.uint8)
+    images = np.stack([np.resize(np.roll(levels, 7 * i), (8, 12, 3)) for i in range(3)])       # (3, 8, 12, 3)
+    pixels = to_tensor(images)
+    assert pixels.shape == (3, 3, 8, 12) and pixels.min() == -1 and pixels.max() == 1
+    assert torch.equal(pixels[1:2], to_tensor(Image.fromarray(images[1])))                   # as for one image
+    assert all(np.array_equal(np.asarray(image), array) for image, array in zip(to_images(pixels), images))
 
 
 def test_learning_rate_warms_up_then_decays_along_a_cosine():
@@ -80,8 +91,8 @@ def test_text_to_image_loss_falls(tmp_path):
     pipe.unet = UNet(UNetConfig(**{**TINY_UNET.__dict__, "in_channels": 3, "out_channels": 3}))
     images, captions = scene_images(64, 8)
     loss = objectives.text_to_image_loss((images, torch.zeros_like(images)), pipe.tokenizer(captions),
-                                    pipe.tokenizer([""]), alphas_cumprod(stages.schedule_of(stages.SD_SCHEDULE)),
-                                    "epsilon", batch_size=16)
+                                         pipe.tokenizer([""]), alphas_cumprod(stages.schedule_of(stages.SD_SCHEDULE)),
+                                         "epsilon", batch_size=16)
     model = objectives.TextToImage(pipe.text_encoder, pipe.unet, train_text_encoder=False)
     trainer = loop.Trainer("unet", model, loss, quiet(steps=40, lr=3e-3, warmup_steps=5), tmp_path)
     first = np.mean([trainer.train_step() for _ in range(5)])
@@ -256,5 +267,5 @@ def test_generating_does_not_import_training(tmp_path):
               "print(code, [m for m in sys.modules if m == 'sdlite.train' or m.startswith('sdlite.train.')])\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent.parent)
-    assert result.stdout.splitlines()[-1] == "0 []", result.stderr
+    assert result.stdout.splitlines()[-1:] == ["0 []"], result.stderr
     assert out.exists()
