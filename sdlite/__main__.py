@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, prompts, samplers, train
+from . import __version__, prompts, samplers
 from .checkpoint import load
 from .errors import UserError
 from .image import check_writable, save_png
@@ -37,6 +37,7 @@ if starting:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint")
 
 
 def default_model() -> Path:
@@ -51,8 +52,10 @@ def default_model() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; a mistake ends as one line on stderr and exit status 2, Ctrl-C as one line and 130."""
+    argv = sys.argv[1:] if argv is None else argv
+    training = not argv or argv[0] not in GENERATION_COMMANDS   # the command comes first (only -h, --version before)
     try:
-        args = parser().parse_args(argv)
+        args = parser(training).parse_args(argv)
         args.run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -80,7 +83,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(training: bool = True) -> argparse.ArgumentParser:
+    """The command line; `train` only if `training`: generating images never imports sdlite.train."""
     p = argparse.ArgumentParser(prog="sdlite", description="Stable Diffusion in plain PyTorch",
                                 formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"sdlite {__version__}")
@@ -104,7 +108,9 @@ def parser() -> argparse.ArgumentParser:
     inpaint.add_argument("--mask-blur", type=float, default=0.0, help="Gaussian blur radius of the mask, in pixels")
     inpaint.add_argument("--keep-unmasked", action="store_true",
                          help="paste the input back outside the mask, so those pixels stay exactly as they were")
-    train.add_command(commands, HelpFormatter)
+    if training:
+        from .train.cli import add_command
+        add_command(commands, HelpFormatter)
     return p
 
 
