@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, prompts, samplers, schedule, train
+from . import __version__, prompts, samplers, schedule
 from .checkpoint import load, read_json, resolve
 from .errors import UserError
 from .image import check_writable, save_png
@@ -38,6 +38,7 @@ if starting:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint", "sample", "schedule")
 
 
 def default_model() -> Path:
@@ -52,8 +53,10 @@ def default_model() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; a mistake ends as one line on stderr and exit status 2, Ctrl-C as one line and 130."""
+    argv = sys.argv[1:] if argv is None else argv
+    training = not argv or argv[0] not in GENERATION_COMMANDS   # the command comes first (only -h, --version before)
     try:
-        args = parser().parse_args(argv)
+        args = parser(training).parse_args(argv)
         args.run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -81,7 +84,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(training: bool = True) -> argparse.ArgumentParser:
+    """The command line; `train` only if `training`: generating images never imports sdlite.train."""
     p = argparse.ArgumentParser(prog="sdlite", description="Stable Diffusion in plain PyTorch",
                                 formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"sdlite {__version__}")
@@ -130,7 +134,9 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--plot", type=Path, help="write alpha_bar, sigma and SNR over the training timesteps, the "
                                                 "samplers' timesteps marked, to this PNG (needs matplotlib)")
     plan.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
-    train.add_command(commands, HelpFormatter)
+    if training:
+        from .train.cli import add_command
+        add_command(commands, HelpFormatter)
     return p
 
 

@@ -24,7 +24,7 @@ from .pipeline import Pipeline
 from .tokenizer import Tokenizer
 from .unet import UNet, UNetConfig, unet_from_ldm
 from .vae import AutoencoderKL, VAEConfig, vae_from_ldm
-from .weights import read_safetensors
+from .weights import PICKLE_SUFFIXES, read_file, read_safetensors
 
 # The training schedules of the official releases, as their diffusers folders state them (scheduler_config.json of
 # stable-diffusion-v1-5 and stable-diffusion-2-1), used for single files, which carry no scheduler config.
@@ -32,7 +32,6 @@ SD1_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "b
                  "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None, "steps_offset": 1,
                  "skip_prk_steps": True, "set_alpha_to_one": False, "clip_sample": False}
 SD2_SCHEDULER = {**SD1_SCHEDULER, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Names with these endings are files: a missing one is a mistyped path, never a Hub id.
 FILE_SUFFIXES = (".safetensors", ".sft", ".gguf", ".json", ".yaml", ".onnx", *PICKLE_SUFFIXES)
 # What a conversion or a config constructor raises on keys, shapes or values it cannot make sense of.
@@ -106,7 +105,7 @@ def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     checkpoint cannot run code (Pipeline.to casts it)."""
     if path.suffix in PICKLE_SUFFIXES:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = read_file(path)
         except Exception as e:
             raise UserError(f"{path}: not a loadable weights-only checkpoint ({str(e).splitlines()[0]}); "
                             "convert it to .safetensors") from None

@@ -10,14 +10,13 @@ the x_0 estimate to [-1, 1] as their configs say); images (x / 2 + 0.5) clamped 
 import random
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from . import samplers
 from .checkpoint import build, read_config, read_json, read_state_dict, weights_file
 from .errors import UserError
-from .image import generation_parameters, model_hash
+from .image import generation_parameters, model_hash, to_images
 from .unet2d import UNet2D, UNet2DConfig, renamed_old_attention_keys
 
 PIPELINES = ("DDPMPipeline", "DDIMPipeline")   # model_index.json's _class_name of a pixel-space folder
@@ -132,16 +131,10 @@ class PixelPipeline:
                 progress(i + 1, len(timesteps))
         fields = {"Steps": steps, "Sampler": name, "Eta": eta or None, "Seed": seed, "Size": f"{width}x{height}",
                   "Model hash": model_hash(self.model_file), "Model": self.name}
-        return to_images(x, generation_parameters("", "", fields).lstrip("\n"))
+        parameters = generation_parameters("", "", fields).lstrip("\n")
+        images = to_images(x)   # rounded as DDPMPipeline's numpy_to_pil rounds them
+        for i, image in enumerate(images):
+            batch = f", Batch size: {len(images)}, Batch pos: {i}" if len(images) > 1 else ""
+            image.info["parameters"] = parameters + batch
+        return images
 
-
-def to_images(x: torch.Tensor, parameters: str) -> list[Image.Image]:
-    """(B, C, H, W) in [-1, 1] -> B uint8 images (RGB, or L for one channel), rounded as DDPMPipeline rounds them."""
-    pixels = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-    images = []
-    for i, array in enumerate((pixels * 255).round().astype(np.uint8)):
-        image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-        batch = f", Batch size: {len(pixels)}, Batch pos: {i}" if len(pixels) > 1 else ""
-        image.info["parameters"] = parameters + batch
-        images.append(image)
-    return images
