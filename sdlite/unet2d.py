@@ -115,12 +115,15 @@ class UNet2DConfig:
         return config
 
     def check(self, where) -> None:
-        """Positive sizes; GroupNorm groups and heads that divide the widths."""
+        """Positive sizes, an image size the levels can halve; GroupNorm groups and heads that divide the widths."""
         sizes = [self.in_channels, self.out_channels, self.layers_per_block, self.norm_num_groups,
                  *self.block_out_channels, *self.sample_size, self.attention_head_dim or 1, self.time_embed_dim]
         if min(sizes) < 1 or self.norm_eps <= 0 or self.downsample_padding < 0:
             raise UserError(f"{where}: sizes must be positive, norm_eps > 0 and downsample_padding >= 0")
         last = len(self.block_out_channels) - 1
+        if any(side % 2 ** last for side in self.sample_size):   # each level but the last halves the image
+            raise UserError(f"{where}: sample_size {show(list(self.sample_size))} must be a multiple of {2 ** last} "
+                            f"(2 to the number of block_out_channels less one)")
         for level, width in enumerate(self.block_out_channels):
             attends = (self.attention_levels[level] or self.up_attention_levels[level]
                        or (level == last and self.mid_block and self.mid_attention))

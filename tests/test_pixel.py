@@ -107,7 +107,8 @@ def test_old_attention_names_are_renamed():
 @pytest.mark.parametrize("key, value", [("time_embedding_type", "fourier"), ("class_embed_type", "timestep"),
                                         ("resnet_time_scale_shift", "spatial"), ("mystery", 1),
                                         ("down_block_types", ["SkipDownBlock2D"] * 4),
-                                        ("mid_block_type", "UNetMidBlock2DCrossAttn"), ("norm_num_groups", 5)])
+                                        ("mid_block_type", "UNetMidBlock2DCrossAttn"), ("norm_num_groups", 5),
+                                        ("sample_size", 36)])
 def test_config_refuses_by_name(key, value):
     with pytest.raises(UserError) as refused:
         UNet2DConfig.from_json({key: value})
