@@ -24,7 +24,6 @@ depends only on the seed and the step number, so a resumed run takes the same st
 """
 import argparse
 import copy
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,12 +33,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 
 from . import samplers, scenes
 from .checkpoint import load
 from .clip import CLIPTextConfig, CLIPTextModel
 from .errors import UserError
+from .formats.diffusers import save_folder, save_scheduler, save_unet
+from .formats.families import PIXEL_DDPM, SDLITE_TINY
 from .image import open_rgb
 from .pipeline import Pipeline, check_text
 from .progress import Progress
@@ -49,13 +49,6 @@ from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-# SD's training schedule (its scheduler_config.json), sampled by default with DDIM, which needs few steps.
-SD_SCHEDULE = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-               "beta_schedule": "scaled_linear", "trained_betas": None, "steps_offset": 1, "clip_sample": False,
-               "set_alpha_to_one": False, "timestep_spacing": "leading", "prediction_type": "epsilon"}
-# The pixel model is trained on DDPM's own schedule (Ho et al. 2020, sec. 4) and sampled with its ancestral loop.
-DDPM_SCHEDULE = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
-                 "beta_schedule": "linear", "trained_betas": None, "clip_sample": True, "prediction_type": "epsilon"}
 SAMPLE_PROMPTS = ["a red circle", "a blue square on the left", "a small green triangle at the top right",
                   "a large yellow circle at the bottom", "a purple square in the middle", "a small orange circle"]
 # The default model's architecture: SD's classes, miniature widths (64 x 64 images, 8 x 8 x 4 latents as in SD).
@@ -363,11 +356,12 @@ def train_pixel(images: torch.Tensor, unet_config: UNetConfig, config: TrainConf
     """An unconditional UNet on the images themselves: DDPM as Ho et al. 2020 trained it (CIFAR-10, CelebA-HQ)."""
     torch.manual_seed(config.seed)
     unet = UNet(unet_config)
-    alpha_bar = alphas_cumprod(schedule_of(DDPM_SCHEDULE))
+    alpha_bar = alphas_cumprod(schedule_of(PIXEL_DDPM.scheduler_config()))
     size = images.shape[-1]
 
     def sample(ema: UNet) -> Image.Image:
-        return grid(tensor_to_images(sample_pixels(ema, DDPM_SCHEDULE, 8, size, steps=50, seed=0)), columns=8)
+        pixels = sample_pixels(ema, PIXEL_DDPM.scheduler_config(), 8, size, steps=50, seed=0)
+        return grid(tensor_to_images(pixels), columns=8)
 
     trainer = Trainer("pixel-unet", unet, pixel_loss(images, alpha_bar, config.batch_size), config, out, sample)
     trainer.resume()
@@ -401,73 +395,7 @@ def new_pipeline(vae: AutoencoderKL, size: int, seed: int, name: str) -> Pipelin
     unet_config = UNetConfig(**{**asdict(DEFAULT_UNET), "in_channels": vae.config.latent_channels,
                                 "out_channels": vae.config.latent_channels})
     return Pipeline(Tokenizer.from_vendored(), CLIPTextModel(DEFAULT_TEXT), UNet(unet_config), vae,
-                    dict(SD_SCHEDULE), family="sd1", default_size=size, name=name)
-
-
-# --- saving in the diffusers layout ---
-
-def save_folder(pipe: Pipeline, out: Path, dtype: torch.dtype = torch.float16) -> None:
-    """The pipeline as a diffusers folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, with
-    the config keys diffusers and transformers use, so that sdlite.load and diffusers' from_pretrained both read it."""
-    latent_side = pipe.default_size // pipe.vae_scale
-    write_json(out / "model_index.json", {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
-        "image_encoder": [None, None], "scheduler": ["diffusers", pipe.scheduler_config["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]})
-    save_unet(pipe.unet, out / "unet", latent_side, dtype)
-    save_vae(pipe.vae, out / "vae", dtype)
-    save_text_encoder(pipe.text_encoder, out / "text_encoder", dtype)
-    save_tokenizer(pipe.tokenizer, out / "tokenizer")
-    write_json(out / "scheduler" / "scheduler_config.json", {**pipe.scheduler_config, "_diffusers_version": "0.42.1"})
-
-
-def save_unet(unet: UNet, folder: Path, sample_size: int, dtype: torch.dtype) -> None:
-    write_json(folder / "config.json", {
-        "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1", "sample_size": sample_size,
-        **unet.config.to_json()})
-    save_weights(unet, folder / "diffusion_pytorch_model.safetensors", dtype)
-
-
-def save_vae(vae: AutoencoderKL, folder: Path, dtype: torch.dtype) -> None:
-    write_json(folder / "config.json", {
-        "_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1", **vae.config.to_json()})
-    save_weights(vae, folder / "diffusion_pytorch_model.safetensors", dtype)
-
-
-def save_text_encoder(text_encoder: CLIPTextModel, folder: Path, dtype: torch.dtype) -> None:
-    c = text_encoder.config
-    write_json(folder / "config.json", {
-        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_hidden_layers,
-        "num_attention_heads": c.num_attention_heads, "hidden_act": c.hidden_act, "vocab_size": c.vocab_size,
-        "max_position_embeddings": c.max_position_embeddings, "layer_norm_eps": c.layer_norm_eps,
-        "projection_dim": c.hidden_size, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
-        "torch_dtype": "float32"})  # what transformers loads it as, whatever the file's dtype: as the UNet and VAE
-    save_weights(text_encoder, folder / "model.safetensors", dtype)
-
-
-def save_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
-    """vocab.json and merges.txt (the BPE model) and the special tokens, as CLIPTokenizer writes them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.backend.model.save(str(folder))
-    token = tokenizer.backend.id_to_token
-    specials = {"bos_token": token(tokenizer.bos_id), "eos_token": token(tokenizer.eos_id),
-                "pad_token": token(tokenizer.pad_id), "unk_token": token(tokenizer.eos_id)}
-    write_json(folder / "special_tokens_map.json", specials)
-    write_json(folder / "tokenizer_config.json", {**specials, "tokenizer_class": "CLIPTokenizer",
-                                                  "model_max_length": tokenizer.max_length, "do_lower_case": True})
-
-
-def save_weights(module: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}, path)
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+                    SDLITE_TINY.scheduler_config(), family=SDLITE_TINY.name, default_size=size, name=name)
 
 
 # --- the command line ---
@@ -484,8 +412,8 @@ def add_command(subparsers, formatter_class=argparse.RawDescriptionHelpFormatter
     p.add_argument("--model", help="fine-tune this checkpoint's UNet instead of training a new model")
     p.add_argument("--pixel", action="store_true", help="train an unconditional UNet on pixels (no VAE, no text)")
     p.add_argument("--caption", help="one caption for every image of --data")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels for a new model, a multiple of 16 "
-                   "(4 with --pixel; default: 64; fine-tuning uses the checkpoint's own size)")
+    p.add_argument("--size", type=int, default=SDLITE_TINY.image_size, help="image side in pixels for a new model, "
+                   "a multiple of 16 (4 with --pixel; default: 64; fine-tuning uses the checkpoint's own size)")
     p.add_argument("--scenes", type=int, default=10000, help="number of generated scene images (--data scenes)")
     p.add_argument("--steps", type=int, default=3500, help="UNet training steps")
     p.add_argument("--vae-steps", type=int, default=2000, help="VAE training steps (new latent models)")
@@ -567,7 +495,7 @@ def run(args: argparse.Namespace) -> None:
     if args.pixel:
         unet = train_pixel(images, PIXEL_UNET, config, args.out)
         save_unet(unet, args.out / "unet", size, torch.float32)
-        write_json(args.out / "scheduler" / "scheduler_config.json", DDPM_SCHEDULE)
+        save_scheduler(PIXEL_DDPM.scheduler_config(), args.out / "scheduler")
         return
     if pipe is None:
         vae_training = TrainConfig(**{**asdict(config), "steps": args.vae_steps, "batch_size": args.vae_batch_size,

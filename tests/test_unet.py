@@ -9,7 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdlite import UserError, checkpoint, onednn
-from sdlite.unet import UNET_IMPLEMENTED, UNET_REFUSED, UNet, UNetConfig, unet_from_ldm
+from sdlite.formats import diffusers
+from sdlite.formats.ldm import unet_from_ldm
+from sdlite.unet import UNET_IMPLEMENTED, UNET_REFUSED, UNet, UNetConfig
 from sdlite.weights import read_safetensors
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -193,6 +195,6 @@ def test_unet_folder_loads_through_the_loader(name, tmp_path):
     case = Case(name)
     (tmp_path / "config.json").write_text(json.dumps(case.config_json))
     save_file(case.diffusers_weights(), tmp_path / "diffusion_pytorch_model.safetensors")
-    config = UNetConfig.from_json(checkpoint.read_json(tmp_path / "config.json"), tmp_path / "config.json")
-    weights = checkpoint.read_state_dict(checkpoint.weights_file(tmp_path, "diffusion_pytorch_model"), torch.float32)
+    config = UNetConfig.from_json(diffusers.read_json(tmp_path / "config.json"), tmp_path / "config.json")
+    weights = checkpoint.read_state_dict(diffusers.weights_file(tmp_path, "diffusion_pytorch_model"), torch.float32)
     assert_matches_reference(checkpoint.build(UNet, config, weights, tmp_path), case)

@@ -9,7 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdlite import UserError
-from sdlite.vae import VAE_IMPLEMENTED, VAE_REFUSED, AutoencoderKL, DiagonalGaussian, VAEConfig, vae_from_ldm
+from sdlite.formats.ldm import vae_from_ldm
+from sdlite.vae import VAE_IMPLEMENTED, VAE_REFUSED, AutoencoderKL, DiagonalGaussian, VAEConfig
 from tolerances import float_rounding_tolerance
 
 FIXTURES = Path(__file__).parent / "fixtures"
