@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from sdlite import UserError, checkpoint, onednn
 from sdlite.formats import diffusers
-from sdlite.formats.ldm import unet_from_ldm
+from sdlite.formats.ldm import unet_from_ldm, unet_to_ldm
 from sdlite.unet import UNET_IMPLEMENTED, UNET_REFUSED, UNet, UNetConfig
 from sdlite.weights import read_safetensors
 
@@ -92,6 +92,14 @@ def test_packed_convolutions_match_the_reference(case, tmp_path):
 def test_single_file_config_inferred_from_shapes_equals_config_json(ldm_case):
     config, _ = unet_from_ldm(ldm_case.ldm)
     assert config == UNetConfig.from_json(ldm_case.config_json)
+
+
+def test_single_file_keys_written_back(ldm_case):
+    """unet_to_ldm inverts unet_from_ldm: the original keys, each holding its own tensor."""
+    config, state_dict = unet_from_ldm(ldm_case.ldm)
+    written = unet_to_ldm(config, state_dict)
+    assert written.keys() == ldm_case.ldm.keys()
+    assert all(written[key] is value for key, value in ldm_case.ldm.items())
 
 
 def test_single_file_keys_map_as_in_the_reference(ldm_case):
