@@ -17,10 +17,9 @@ from unittest import mock
 import torch
 
 from .clip import CLIPTextConfig, CLIPTextModel
-from .errors import UserError
+from .errors import MALFORMED, UserError
 from .formats import ldm
-from .formats.diffusers import (MALFORMED, image_size, read_config, read_json, read_tokenizer, weights_file,
-                                with_text_model_prefix)
+from .formats.diffusers import image_size, read_config, read_json, read_tokenizer, weights_file, with_text_model_prefix
 from .formats.families import SD1, SD2, single_file_family
 from .pipeline import Pipeline
 from .tokenizer import Tokenizer

@@ -18,13 +18,11 @@ import torch
 from safetensors.torch import save_file
 
 from ..clip import CLIPTextModel
-from ..errors import UserError
+from ..errors import MALFORMED, UserError
 from ..tokenizer import Tokenizer
 from ..unet import UNet
 from ..vae import AutoencoderKL
 
-# What a config constructor raises on keys, shapes or values it cannot make sense of.
-MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError)
 # The diffusers release whose folders these are (the one the reference tests ran).
 DIFFUSERS_VERSION = "0.42.1"
 
@@ -116,13 +114,13 @@ def save_unet(unet: UNet, folder: Path, sample_size: int, dtype: torch.dtype) ->
     write_json(folder / "config.json", {
         "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION, "sample_size": sample_size,
         **unet.config.to_json()})
-    save_weights(unet, folder / "diffusion_pytorch_model.safetensors", dtype)
+    save_weights(unet.state_dict(), folder / "diffusion_pytorch_model.safetensors", dtype)
 
 
 def save_vae(vae: AutoencoderKL, folder: Path, dtype: torch.dtype) -> None:
     write_json(folder / "config.json", {
         "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **vae.config.to_json()})
-    save_weights(vae, folder / "diffusion_pytorch_model.safetensors", dtype)
+    save_weights(vae.state_dict(), folder / "diffusion_pytorch_model.safetensors", dtype)
 
 
 def save_text_encoder(text_encoder: CLIPTextModel, folder: Path, dtype: torch.dtype) -> None:
@@ -134,7 +132,7 @@ def save_text_encoder(text_encoder: CLIPTextModel, folder: Path, dtype: torch.dt
         "max_position_embeddings": c.max_position_embeddings, "layer_norm_eps": c.layer_norm_eps,
         "projection_dim": c.hidden_size, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
         "torch_dtype": "float32"})  # what transformers loads it as, whatever the file's dtype: as the UNet and VAE
-    save_weights(text_encoder, folder / "model.safetensors", dtype)
+    save_weights(text_encoder.state_dict(), folder / "model.safetensors", dtype)
 
 
 def save_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
@@ -153,9 +151,10 @@ def save_scheduler(scheduler_config: dict, folder: Path) -> None:
     write_json(folder / "scheduler_config.json", {**scheduler_config, "_diffusers_version": DIFFUSERS_VERSION})
 
 
-def save_weights(module: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:
+def save_weights(state_dict: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> None:
+    """The tensors as a safetensors file, in `dtype`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}, path)
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in state_dict.items()}, path)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -38,6 +38,7 @@ SD1_INPAINTING = Family("sd1-inpainting", PNDM_SCHEDULER, "epsilon", 512, pad_id
 # cannot be told from the 768 ones: the reference takes them as v-prediction too, and so does sdlite (load's
 # prediction_type corrects it).
 SD2 = Family("sd2", DDIM_SCHEDULER, "v_prediction", 768, pad_id=0)
+# stable-diffusion-2-inpainting: 512, epsilon (so the reference's single-file loader takes a 9-channel SD 2.x file).
 SD2_INPAINTING = Family("sd2-inpainting", DDIM_SCHEDULER, "epsilon", 512, pad_id=0, unet_in_channels=9)
 # The small models `sdlite train` trains from scratch (64 x 64 unless told otherwise). Text-to-image: SD's schedule and
 # tokenizer, sampled with DDIM by default, which needs few steps.

@@ -15,13 +15,12 @@ constant 0..76) and OpenCLIP's contrastive head (text_projection, logit_scale).
 import re
 
 import torch
-from safetensors.torch import save_file
 
 from ..clip import CLIPTextConfig, CLIPTextModel
 from ..errors import UserError
 from ..unet import UNet, UNetConfig
 from ..vae import AutoencoderKL, VAEConfig
-from .diffusers import with_text_model_prefix
+from .diffusers import save_weights, with_text_model_prefix
 
 PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
 
@@ -52,8 +51,7 @@ def single_file(unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> 
 
 def save_single_file(pipe, path, dtype: torch.dtype = torch.float16) -> None:
     """A pipeline's networks as a single .safetensors file in the original layout."""
-    state_dict = single_file(pipe.unet, pipe.vae, pipe.text_encoder)
-    save_file({k: v.detach().to(dtype).contiguous() for k, v in state_dict.items()}, path)
+    save_weights(single_file(pipe.unet, pipe.vae, pipe.text_encoder), path, dtype)
 
 
 # ---- UNet: model.diffusion_model.* ----
