@@ -99,18 +99,18 @@ def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     checkpoint cannot run code (Pipeline.to casts it)."""
     if path.suffix in PICKLE_SUFFIXES:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            weights = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise UserError(f"{path}: not a loadable weights-only checkpoint ({str(e).splitlines()[0]}); "
                             "convert it to .safetensors") from None
-        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-        if not isinstance(sd, dict):
-            raise UserError(f"{path}: holds {type(sd).__name__} data where a state_dict (named tensors) belongs: "
+        weights = weights.get("state_dict", weights) if isinstance(weights, dict) else weights
+        if not isinstance(weights, dict):
+            raise UserError(f"{path}: holds {type(weights).__name__} data where a state_dict (named tensors) belongs: "
                             "not a model checkpoint")
-        wrong = [k for k, v in sd.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))][:1]
+        wrong = [k for k, v in weights.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))][:1]
         if wrong:
             raise UserError(f"{path}: entry {str(wrong[0])[:80]!r} is not a named tensor: not a model checkpoint")
-        return sd
+        return weights
     try:
         return read_safetensors(path, dtype)
     except OSError as e:
@@ -126,16 +126,16 @@ def load_single_file(path: Path, dtype: torch.dtype) -> Pipeline:
     if layout is None:
         raise UserError(f"{path}: unknown text encoder layout under cond_stage_model.* (neither SD 1.x nor 2.x)")
     text_from_ldm = ldm.clip_from_openai if layout == "openai" else ldm.clip_from_openclip
-    text_config, text_sd = convert(text_from_ldm, parts["text_encoder"], path, "cond_stage_model.*")
-    unet_config, unet_sd = convert(ldm.unet_from_ldm, parts["unet"], path, "model.diffusion_model.*")
-    vae_config, vae_sd = convert(ldm.vae_from_ldm, parts["vae"], path, "first_stage_model.*")
+    text_config, text_weights = convert(text_from_ldm, parts["text_encoder"], path, "cond_stage_model.*")
+    unet_config, unet_weights = convert(ldm.unet_from_ldm, parts["unet"], path, "model.diffusion_model.*")
+    vae_config, vae_weights = convert(ldm.vae_from_ldm, parts["vae"], path, "first_stage_model.*")
     family = single_file_family(layout, unet_config.in_channels)
     vae_config.sample_size = family.image_size   # as the family's vae/config.json says (the tile side when tiling)
     return Pipeline(
         tokenizer=Tokenizer.from_vendored(family.pad_id),
-        text_encoder=build(CLIPTextModel, text_config, text_sd, path),
-        unet=build(UNet, unet_config, unet_sd, path),
-        vae=build(AutoencoderKL, vae_config, vae_sd, path),
+        text_encoder=build(CLIPTextModel, text_config, text_weights, path),
+        unet=build(UNet, unet_config, unet_weights, path),
+        vae=build(AutoencoderKL, vae_config, vae_weights, path),
         scheduler_config=family.scheduler_config(),
         family=family.name, default_size=family.image_size, name=path.stem)
 
@@ -149,14 +149,14 @@ def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
     vae_config = read_config(VAEConfig, read_json(path / "vae" / "config.json"), path / "vae" / "config.json")
     text_config = read_config(CLIPTextConfig, read_json(path / "text_encoder" / "config.json"),
                               path / "text_encoder" / "config.json")
-    text_sd = with_text_model_prefix(read_state_dict(weights_file(path / "text_encoder", "model"), dtype))
-    unet_sd = read_state_dict(weights_file(path / "unet", "diffusion_pytorch_model"), dtype)
-    vae_sd = read_state_dict(weights_file(path / "vae", "diffusion_pytorch_model"), dtype)
+    text_weights = with_text_model_prefix(read_state_dict(weights_file(path / "text_encoder", "model"), dtype))
+    unet_weights = read_state_dict(weights_file(path / "unet", "diffusion_pytorch_model"), dtype)
+    vae_weights = read_state_dict(weights_file(path / "vae", "diffusion_pytorch_model"), dtype)
     return Pipeline(
         tokenizer=read_tokenizer(path / "tokenizer"),
-        text_encoder=build(CLIPTextModel, text_config, text_sd, path / "text_encoder"),
-        unet=build(UNet, unet_config, unet_sd, path / "unet"),
-        vae=build(AutoencoderKL, vae_config, vae_sd, path / "vae"),
+        text_encoder=build(CLIPTextModel, text_config, text_weights, path / "text_encoder"),
+        unet=build(UNet, unet_config, unet_weights, path / "unet"),
+        vae=build(AutoencoderKL, vae_config, vae_weights, path / "vae"),
         scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
         family=(SD2 if text_config.hidden_act == "gelu" else SD1).name,
         default_size=image_size(unet_json, vae_config.downscale),

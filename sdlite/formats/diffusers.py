@@ -77,13 +77,13 @@ def weights_file(folder: Path, stem: str) -> Path:
     raise UserError(f"{folder}: no weights ({stem}.safetensors or {stem}.fp16.safetensors)")
 
 
-def with_text_model_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def with_text_model_prefix(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A transformers CLIPTextModel state dict in sdlite's names. transformers before 5.x saved its keys under
     `text_model.`, 5.x saves them without; older files also hold `text_model.embeddings.position_ids`, the constant
     0..76 that sdlite does not store (forward takes the first L position embeddings), so it is dropped.
     CLIPTextModelWithProjection's text_projection sits beside text_model in both."""
     return {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
-            for k, v in sd.items() if not k.endswith("embeddings.position_ids")}
+            for k, v in weights.items() if not k.endswith("embeddings.position_ids")}
 
 
 def image_size(unet_json: dict, vae_scale: int) -> int:

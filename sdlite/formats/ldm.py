@@ -123,34 +123,34 @@ def diffusers_to_ldm_key(key: str, layers_per_block: int, up_attention: set[int]
     return f"{block}.{UNET_LDM_NAMES.get(inner, inner)}.{param}"
 
 
-def unet_from_ldm(sd: dict[str, torch.Tensor]) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
+def unet_from_ldm(weights: dict[str, torch.Tensor]) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
     """Config and diffusers-named weights of an original single-file UNet (keys without `model.diffusion_model.`),
     the architecture read off the tensor shapes (the idea of ComfyUI's model_detection)."""
-    levels = 1 + sum(k.endswith(".op.weight") for k in sd)               # a downsampler on all levels but the last
-    n_input = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
+    levels = 1 + sum(k.endswith(".op.weight") for k in weights)               # a downsampler on all levels but the last
+    n_input = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("input_blocks."))
     layers = n_input // levels - 1                                       # n_input = 1 + levels * layers + levels - 1
     first = [1 + level * (layers + 1) for level in range(levels)]       # each level's first input block
-    channels = tuple(sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] for i in first)
+    channels = tuple(weights[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] for i in first)
     mid = "middle_block.1."
-    sd2 = sd[mid + "proj_in.weight"].ndim == 2   # SD 2.x: Linear projections, 64-dim heads, upcast attention
+    v2 = weights[mid + "proj_in.weight"].ndim == 2   # SD 2.x: Linear projections, 64-dim heads, upcast attention
     config = UNetConfig(
-        in_channels=sd["input_blocks.0.0.weight"].shape[1],
-        out_channels=sd["out.2.weight"].shape[0],
+        in_channels=weights["input_blocks.0.0.weight"].shape[1],
+        out_channels=weights["out.2.weight"].shape[0],
         block_out_channels=channels,
         layers_per_block=layers,
-        attention_levels=tuple(f"input_blocks.{i}.1.proj_in.weight" in sd for i in first),
-        up_attention_levels=tuple(f"output_blocks.{(levels - 1 - level) * (layers + 1)}.1.proj_in.weight" in sd
+        attention_levels=tuple(f"input_blocks.{i}.1.proj_in.weight" in weights for i in first),
+        up_attention_levels=tuple(f"output_blocks.{(levels - 1 - level) * (layers + 1)}.1.proj_in.weight" in weights
                                   for level in range(levels)),
-        heads=tuple(c // 64 for c in channels) if sd2 else (8,) * levels,
-        transformer_depth=len({k.split(".")[3] for k in sd if k.startswith(mid + "transformer_blocks.")}),
-        cross_attention_dim=sd[mid + "transformer_blocks.0.attn2.to_k.weight"].shape[1],
-        use_linear_projection=sd2,
-        upcast_attention=sd2,
+        heads=tuple(c // 64 for c in channels) if v2 else (8,) * levels,
+        transformer_depth=len({k.split(".")[3] for k in weights if k.startswith(mid + "transformer_blocks.")}),
+        cross_attention_dim=weights[mid + "transformer_blocks.0.attn2.to_k.weight"].shape[1],
+        use_linear_projection=v2,
+        upcast_attention=v2,
     )
-    return config, {ldm_to_diffusers_key(k, layers): v for k, v in sd.items()}
+    return config, {ldm_to_diffusers_key(k, layers): v for k, v in weights.items()}
 
 
-def unet_to_ldm(config: UNetConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unet_to_ldm(config: UNetConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """sdlite's UNet weights in the original names. The original numbers its blocks with one layers_per_block and
     always has a middle block: another UNet has no single-file form."""
     if len(set(config.layers_per_block)) > 1 or not config.mid_block:
@@ -158,7 +158,7 @@ def unet_to_ldm(config: UNetConfig, sd: dict[str, torch.Tensor]) -> dict[str, to
                         "original single-file layout: save it as a diffusers folder")
     levels = len(config.block_out_channels)
     up_attention = {levels - 1 - level for level, attends in enumerate(config.up_attention_levels) if attends}
-    return {diffusers_to_ldm_key(k, config.layers_per_block[0], up_attention): v for k, v in sd.items()}
+    return {diffusers_to_ldm_key(k, config.layers_per_block[0], up_attention): v for k, v in weights.items()}
 
 
 # ---- VAE: first_stage_model.* ----
@@ -194,26 +194,26 @@ def flip_decoder_levels(key: str, levels: int) -> str:
     return ".".join(parts)
 
 
-def vae_from_ldm(sd: dict[str, torch.Tensor]) -> tuple[VAEConfig, dict[str, torch.Tensor]]:
+def vae_from_ldm(weights: dict[str, torch.Tensor]) -> tuple[VAEConfig, dict[str, torch.Tensor]]:
     """The config and the diffusers-named state dict for VAE weights in the original single-file (LDM) layout.
 
-    `sd` has its `first_stage_model.` prefix already removed. Keys outside the autoencoder, such as the training
+    `weights` has its `first_stage_model.` prefix already removed. Keys outside the autoencoder, such as the training
     loss's `loss.*`, are dropped. The config comes from the weight shapes. LDM always uses 32 GroupNorm groups and
     keeps the scaling factor in its yaml, so those two keep their SD defaults.
     """
     def count(pattern: str) -> int:
-        return sum(re.fullmatch(pattern, key) is not None for key in sd)
+        return sum(re.fullmatch(pattern, key) is not None for key in weights)
 
     levels = count(r"encoder\.down\.\d+\.block\.0\.conv1\.weight")
     config = VAEConfig(
-        in_channels=sd["encoder.conv_in.weight"].shape[1],
-        out_channels=sd["decoder.conv_out.weight"].shape[0],
-        latent_channels=sd["post_quant_conv.weight"].shape[0],
-        block_out_channels=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)),
+        in_channels=weights["encoder.conv_in.weight"].shape[1],
+        out_channels=weights["decoder.conv_out.weight"].shape[0],
+        latent_channels=weights["post_quant_conv.weight"].shape[0],
+        block_out_channels=tuple(weights[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)),
         layers_per_block=count(r"encoder\.down\.0\.block\.\d+\.conv1\.weight"),
     )
     state_dict = {}
-    for key, value in sd.items():
+    for key, value in weights.items():
         if key.split(".")[0] not in ("encoder", "decoder", "quant_conv", "post_quant_conv"):
             continue
         name = rename(flip_decoder_levels(key, levels), VAE_NAMES)
@@ -223,10 +223,10 @@ def vae_from_ldm(sd: dict[str, torch.Tensor]) -> tuple[VAEConfig, dict[str, torc
     return config, state_dict
 
 
-def vae_to_ldm(config: VAEConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def vae_to_ldm(config: VAEConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """sdlite's VAE weights in the original names, the attention's linear layers as 1x1 convolutions again."""
     state_dict = {}
-    for key, value in sd.items():
+    for key, value in weights.items():
         name = rename(flip_decoder_levels(key, len(config.block_out_channels)), VAE_LDM_NAMES)
         if ".attn_1." in name and value.ndim == 2:
             value = value[:, :, None, None]
@@ -236,29 +236,29 @@ def vae_to_ldm(config: VAEConfig, sd: dict[str, torch.Tensor]) -> dict[str, torc
 
 # ---- text encoder: cond_stage_model.* ----
 
-def config_from_shapes(sd: dict[str, torch.Tensor], hidden_act: str) -> CLIPTextConfig:
+def config_from_shapes(weights: dict[str, torch.Tensor], hidden_act: str) -> CLIPTextConfig:
     """The config of a state dict in sdlite's names; heads are 64 wide in both CLIP text towers SD uses."""
-    vocab_size, hidden_size = sd["text_model.embeddings.token_embedding.weight"].shape
-    layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers."))
+    vocab_size, hidden_size = weights["text_model.embeddings.token_embedding.weight"].shape
+    layers = 1 + max(int(k.split(".")[3]) for k in weights if k.startswith("text_model.encoder.layers."))
     return CLIPTextConfig(
         hidden_size=hidden_size,
-        intermediate_size=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        intermediate_size=weights["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
         num_hidden_layers=layers,
         num_attention_heads=hidden_size // 64,
         hidden_act=hidden_act,
         vocab_size=vocab_size,
-        max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0])
+        max_position_embeddings=weights["text_model.embeddings.position_embedding.weight"].shape[0])
 
 
-def clip_from_openai(sd: dict[str, torch.Tensor]) -> tuple[CLIPTextConfig, dict[str, torch.Tensor]]:
+def clip_from_openai(weights: dict[str, torch.Tensor]) -> tuple[CLIPTextConfig, dict[str, torch.Tensor]]:
     """SD 1.x single file, `cond_stage_model.` removed: `transformer.text_model.*`. The original code wrapped
     transformers' CLIPTextModel, so past `transformer.` the keys are already sdlite's (but for position_ids)."""
-    sd = with_text_model_prefix({k.removeprefix("transformer."): v for k, v in sd.items()})
-    return config_from_shapes(sd, "quick_gelu"), sd
+    weights = with_text_model_prefix({k.removeprefix("transformer."): v for k, v in weights.items()})
+    return config_from_shapes(weights, "quick_gelu"), weights
 
 
-def clip_to_openai(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"transformer." + k: v for k, v in sd.items()}
+def clip_to_openai(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"transformer." + k: v for k, v in weights.items()}
 
 
 OPENCLIP_NAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
@@ -270,14 +270,14 @@ OPENCLIP_TOP = {"model.token_embedding.weight": "text_model.embeddings.token_emb
 BLOCKS = "model.transformer.resblocks."
 
 
-def clip_from_openclip(sd: dict[str, torch.Tensor]) -> tuple[CLIPTextConfig, dict[str, torch.Tensor]]:
+def clip_from_openclip(weights: dict[str, torch.Tensor]) -> tuple[CLIPTextConfig, dict[str, torch.Tensor]]:
     """SD 2.x single file, `cond_stage_model.` removed: OpenCLIP's names under `model.`. SD 2.x uses the output of
     the penultimate block, so the last resblock is dropped; ln_final is still applied after it. text_projection and
     logit_scale (CLIP's contrastive head) are unused. The fused attention input projection holds q, k and v stacked
     along its output dimension."""
-    last = max(int(k[len(BLOCKS):].split(".")[0]) for k in sd if k.startswith(BLOCKS))
-    out = {ours: sd[theirs] for theirs, ours in OPENCLIP_TOP.items()}
-    for key, value in sd.items():
+    last = max(int(k[len(BLOCKS):].split(".")[0]) for k in weights if k.startswith(BLOCKS))
+    out = {ours: weights[theirs] for theirs, ours in OPENCLIP_TOP.items()}
+    for key, value in weights.items():
         if not key.startswith(BLOCKS):
             continue
         n, name = key[len(BLOCKS):].split(".", 1)  # "3", "attn.in_proj_weight"
@@ -294,19 +294,19 @@ def clip_from_openclip(sd: dict[str, torch.Tensor]) -> tuple[CLIPTextConfig, dic
     return config_from_shapes(out, "gelu"), out
 
 
-def clip_to_openclip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def clip_to_openclip(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """sdlite's text encoder in OpenCLIP's names, q, k and v fused again, and one resblock more: the last, which
     SD 2.x skips (clip_from_openclip drops it). sdlite does not keep that block, so it is written as the identity
     (LayerNorms of weight 1, every other tensor 0: x + 0 + 0), which any code that runs it leaves the output of."""
-    out = {theirs: sd[ours] for theirs, ours in OPENCLIP_TOP.items()}
-    layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers."))
+    out = {theirs: weights[ours] for theirs, ours in OPENCLIP_TOP.items()}
+    layers = 1 + max(int(k.split(".")[3]) for k in weights if k.startswith("text_model.encoder.layers."))
     for n in range(layers):
         layer = f"text_model.encoder.layers.{n}."
         for kind in ("weight", "bias"):
             out[f"{BLOCKS}{n}.attn.in_proj_{kind}"] = torch.cat(
-                [sd[f"{layer}self_attn.{proj}.{kind}"] for proj in ("q_proj", "k_proj", "v_proj")])
+                [weights[f"{layer}self_attn.{proj}.{kind}"] for proj in ("q_proj", "k_proj", "v_proj")])
             for theirs, ours in OPENCLIP_NAMES.items():
-                out[f"{BLOCKS}{n}.{theirs}.{kind}"] = sd[f"{layer}{ours}.{kind}"]
+                out[f"{BLOCKS}{n}.{theirs}.{kind}"] = weights[f"{layer}{ours}.{kind}"]
     last = f"{BLOCKS}{layers - 1}."
     for key in [k for k in out if k.startswith(last)]:
         value = out[key]
