@@ -16,7 +16,9 @@ as MiDaS 3.0) in depth_estimator/ with its preprocessing in feature_extractor/.
 
 Attribute names equal the keys of transformers' DPTForDepthEstimation, so its weights load as they are (the final
 LayerNorm of its ViT feeds only outputs the depth head never reads: its weights are left out). The preprocessing is
-DPTImageProcessor's (PIL resize, rescale, normalise), read from preprocessor_config.json.
+DPTImageProcessor's (PIL resize, rescale, normalise), read from preprocessor_config.json. Where transformers refuses
+an input (a hybrid's of another size than its config's image_size, a non-square token grid), sdlite goes on as the
+paper does: the position embeddings resized to the grid, the tokens laid out as it is.
 
     estimator = load_depth_estimator("stable-diffusion-2-depth")    # or a DPTForDepthEstimation folder
     depth = estimator.estimate(image)                                 # (1, H', W')
@@ -86,7 +88,7 @@ PREPROCESSOR_KEYS = {
     "image_processor_type", "feature_extractor_type", "processor_class", "do_reduce_labels", "do_convert_rgb",
 }
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin")
-UNUSED_WEIGHTS = ("dpt.layernorm.", "dpt.pooler.")   # feed DPTModel's outputs that the depth head never reads
+UNUSED_WEIGHTS = ("dpt.layernorm.",)   # the ViT's final LayerNorm: it feeds an output the depth head never reads
 
 
 @dataclass
@@ -601,7 +603,7 @@ class DepthEstimator:
     def estimate(self, image: Image.Image) -> torch.Tensor:
         """The relative inverse depth (1, H', W') float32 of the preprocessed image (H' x W' is the preprocessed size,
         not the image's; depth_to_condition resizes it)."""
-        weight = self.model.head.head[0].weight
+        weight = next(self.model.parameters())
         return self.model(self.preprocess(image).to(weight.device, weight.dtype)).float()
 
 
@@ -610,6 +612,9 @@ def load_depth_estimator(folder: str | Path, dtype: torch.dtype = torch.float32,
     """From SD 2 depth's folder (its depth_estimator/ and feature_extractor/) or from a transformers
     DPTForDepthEstimation folder (config.json, model.safetensors and preprocessor_config.json in one)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"depth model not found: {folder} is not a folder (give SD 2 depth's folder or a "
+                        "DPTForDepthEstimation folder)")
     if (folder / "depth_estimator").is_dir():
         model_folder = folder / "depth_estimator"
         preprocessor_json = folder / "feature_extractor" / "preprocessor_config.json"

@@ -140,6 +140,14 @@ def test_dpt_hybrid_config_gives_the_defaults():
     assert DPTConfig.from_json(DPT_HYBRID) == DPTConfig()
 
 
+def test_keys_without_effect_change_nothing():
+    changed = {**DPT_HYBRID, "output_hidden_states": True, "id2label": {"0": "a"}, "torch_dtype": "float16",
+               "pooler_act": "relu", "pooler_output_size": 3, "use_auxiliary_head": False,
+               "semantic_classifier_dropout": 0.5, "auxiliary_loss_weight": 1.0, "embedding_type": "patch",
+               "backbone_config": {**DPT_HYBRID["backbone_config"], "num_beams": 4, "return_dict": False}}
+    assert DPTConfig.from_json(changed) == DPTConfig.from_json(DPT_HYBRID)
+
+
 def test_every_reference_config_key_is_implemented_or_refused():
     """make_dpt.py records the keys of DPTConfig, BitConfig and DPTImageProcessor: a key a new transformers adds fails
     here until sdlite implements or refuses it."""
@@ -213,6 +221,8 @@ def test_weights_that_do_not_fit_the_config_are_one_line(case, tmp_path):
 
 
 def test_a_folder_without_weights_or_config_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="not a folder"):
+        load_depth_estimator(tmp_path / "nowhere")
     with pytest.raises(UserError, match="config.json is missing"):
         load_depth_estimator(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(DPT_HYBRID))
