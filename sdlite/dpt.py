@@ -16,9 +16,10 @@ as MiDaS 3.0) in depth_estimator/ with its preprocessing in feature_extractor/.
 
 Attribute names equal the keys of transformers' DPTForDepthEstimation, so its weights load as they are (the final
 LayerNorm of its ViT feeds only outputs the depth head never reads: its weights are left out). The preprocessing is
-DPTImageProcessor's (PIL resize, rescale, normalise), read from preprocessor_config.json. Where transformers refuses
-an input (a hybrid's of another size than its config's image_size, a non-square token grid), sdlite goes on as the
-paper does: the position embeddings resized to the grid, the tokens laid out as it is.
+DPTImageProcessor's (PIL resize, rescale, normalise), read from preprocessor_config.json. transformers runs a hybrid
+only on images of its config's image_size (SD 2 depth's preprocessing makes them so) and takes a plain ViT's token
+grid to be square; sdlite resizes the position embeddings to any grid (sec. 3, "Image size") and lays the tokens out
+as the grid is.
 
     estimator = load_depth_estimator("stable-diffusion-2-depth")    # or a DPTForDepthEstimation folder
     depth = estimator.estimate(image)                                 # (1, H', W')
