@@ -78,10 +78,9 @@ DPT_REFUSED = {
 # BiT with TensorFlow's "SAME" padding, as DPT-Hybrid has it.
 BIT_IMPLEMENTED = {
     "embedding_size", "hidden_sizes", "depths", "num_groups", "width_factor", "hidden_act", "num_channels",
-    "out_features", "out_indices", "stage_names", "layer_type", "global_padding", "_out_features", "_out_indices",
-    "_name_or_path",
+    "out_features", "out_indices", "stage_names", "layer_type", "global_padding", "embedding_dynamic_padding",
 } | NO_EFFECT
-BIT_REFUSED = {"drop_path_rate": (0, 0.0), "embedding_dynamic_padding": (True,), "output_stride": (32,)}
+BIT_REFUSED = {"drop_path_rate": (0, 0.0), "output_stride": (32,)}
 PREPROCESSOR_KEYS = {
     "do_resize", "size", "resample", "keep_aspect_ratio", "ensure_multiple_of", "do_rescale", "rescale_factor",
     "do_normalize", "image_mean", "image_std", "do_pad", "size_divisor",
@@ -89,6 +88,9 @@ PREPROCESSOR_KEYS = {
     "image_processor_type", "feature_extractor_type", "processor_class", "do_reduce_labels", "do_convert_rgb",
 }
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin")
+# transformers' BitConfig for a hybrid DPTConfig without one (its defaults for the keys not given)
+HYBRID_BACKBONE = {"global_padding": "same", "layer_type": "bottleneck", "depths": [3, 4, 9],
+                   "out_features": ["stage1", "stage2", "stage3"], "embedding_dynamic_padding": True}
 UNUSED_WEIGHTS = ("dpt.layernorm.",)   # the ViT's final LayerNorm: it feeds an output the depth head never reads
 
 
@@ -108,10 +110,13 @@ class BiTConfig:
         if c.get("global_padding", "", str).upper() != "SAME":
             raise UserError(f"{where}: global_padding = {show(config.get('global_padding'))} is not supported by "
                             "sdlite (only \"SAME\", as DPT-Hybrid has it)")
+        if not c.get("embedding_dynamic_padding", False, bool):
+            raise UserError(f"{where}: embedding_dynamic_padding must be true (the stem's max-pool padded \"SAME\", "
+                            "as DPT-Hybrid has it)")
         c.choice("hidden_act", "relu", ("relu",))
         depths = c.list_of("depths", [3, 4, 6, 3], int)
         stages = [f"stage{i}" for i in (1, 2, 3)]
-        if len(depths) != 3 or c.list_of("out_features", stages, str) != tuple(stages):
+        if len(depths) != 3 or c.list_of("out_features", ["stage3"], str) != tuple(stages):
             raise UserError(f"{where}: DPT-Hybrid's ResNet has 3 stages, all read (depths of 3 values, out_features "
                             f"{show(stages)}), not depths = {show(config.get('depths'))}")
         if c.get("num_channels", 3, int) != 3:
@@ -176,8 +181,7 @@ class DPTConfig:
         hybrid = c.get("is_hybrid", False, bool)
         backbone = None
         if hybrid:
-            backbone = BiTConfig.from_json(config.get("backbone_config") or {"layer_type": "bottleneck",
-                                           "global_padding": "same", "depths": [3, 4, 9]}, f"{where} backbone_config")
+            backbone = BiTConfig.from_json(config.get("backbone_config") or HYBRID_BACKBONE, f"{where} backbone_config")
             if c.list_of("backbone_featmap_shape", [1, 1024, 24, 24], int, 4)[1] != backbone.hidden_sizes[-1]:
                 raise UserError(f"{where}: backbone_featmap_shape = {show(config['backbone_featmap_shape'])} does not "
                                 f"have the ResNet's last width ({backbone.hidden_sizes[-1]}) as its channels")
@@ -210,15 +214,15 @@ class DPTConfig:
             raise UserError(f"{where}: backbone_out_indices, reassemble_factors and neck_hidden_sizes must have one "
                             "value for each reassembled stage, as many each")
         read = self.backbone_out_indices[2:] if self.backbone else self.backbone_out_indices
-        if not all(0 <= i < self.num_hidden_layers for i in read):
-            raise UserError(f"{where}: backbone_out_indices {list(self.backbone_out_indices)} must be layers 0 .. "
-                            f"{self.num_hidden_layers - 1} of the ViT")
+        if not all(0 <= i < self.num_hidden_layers for i in read) or len(set(read)) < len(read):
+            raise UserError(f"{where}: backbone_out_indices {list(self.backbone_out_indices)} must be distinct layers "
+                            f"0 .. {self.num_hidden_layers - 1} of the ViT")
         if self.backbone and (stages < 3 or tuple(self.neck_hidden_sizes[:2]) != self.backbone.hidden_sizes[:2]):
             raise UserError(f"{where}: DPT-Hybrid's first two neck_hidden_sizes must be its ResNet's stage 1 and 2 "
                             f"widths {list(self.backbone.hidden_sizes[:2])}, not {list(self.neck_hidden_sizes[:2])}")
         for factor in self.reassemble_factors:
             if not (factor >= 1 and factor == int(factor) or 0 < factor < 1 and 1 / factor == int(1 / factor)):
-                raise UserError(f"{where}: reassemble factor {factor} is neither a whole number nor one over one")
+                raise UserError(f"{where}: reassemble factor {factor} must be a whole number or 1/n, n whole")
         sizes = [self.hidden_size, self.num_hidden_layers, self.num_attention_heads, self.intermediate_size,
                  self.patch_size, self.image_size // self.patch_size, self.fusion_hidden_size // 2,
                  *self.neck_hidden_sizes]
@@ -240,7 +244,7 @@ def same_padding(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
 
 class WeightStandardizedConv2d(nn.Conv2d):
     """A convolution whose kernel is standardised per output channel before use, w' = (w - mean) / sqrt(var + eps)
-    (Qiao et al. 2019, "Weight Standardization", eq. 5; BiT sec. 2.4), with "SAME" padding and no bias."""
+    (Qiao et al. 2019, "Weight Standardization", eq. 5; BiT sec. 2.4; eps 1e-8), with "SAME" padding and no bias."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, bias=False)

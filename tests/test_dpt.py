@@ -138,6 +138,8 @@ DPT_HYBRID = {  # Intel/dpt-hybrid-midas as transformers' conversion script conf
 
 def test_dpt_hybrid_config_gives_the_defaults():
     assert DPTConfig.from_json(DPT_HYBRID) == DPTConfig()
+    without_backbone_config = {k: v for k, v in DPT_HYBRID.items() if k != "backbone_config"}
+    assert DPTConfig.from_json(without_backbone_config) == DPTConfig()   # transformers' default BiT is DPT-Hybrid's
 
 
 def test_keys_without_effect_change_nothing():
@@ -171,12 +173,16 @@ def test_every_reference_config_key_is_implemented_or_refused():
     ({"neck_ignore_stages": [0]}, "neck_ignore_stages"),
     ({"neck_hidden_sizes": [256, 512, 768]}, "neck_hidden_sizes"),
     ({"backbone_out_indices": [2, 5, 8, 12]}, "backbone_out_indices"),
+    ({"backbone_out_indices": [2, 5, 8, 8]}, "backbone_out_indices"),
     ({"reassemble_factors": [1, 1, 1, 0.4]}, "reassemble factor"),
     ({"backbone_config": {**DPT_HYBRID["backbone_config"], "layer_type": "preactivation"}}, "layer_type"),
     ({"backbone_config": {**DPT_HYBRID["backbone_config"], "global_padding": None}}, "global_padding"),
     ({"backbone_config": {**DPT_HYBRID["backbone_config"], "depths": [3, 4, 6, 3]}}, "depths"),
     ({"backbone_config": {**DPT_HYBRID["backbone_config"], "drop_path_rate": 0.1}}, "drop_path_rate"),
     ({"backbone_config": {**DPT_HYBRID["backbone_config"], "num_groups": 7}}, "num_groups"),
+    ({"backbone_config": {k: v for k, v in DPT_HYBRID["backbone_config"].items()
+                          if k != "embedding_dynamic_padding"}}, "embedding_dynamic_padding"),
+    ({"backbone_config": {k: v for k, v in DPT_HYBRID["backbone_config"].items() if k != "out_features"}}, "depths"),
     ({"is_hybrid": False}, "backbone_config"),
 ])
 def test_refused_keys_and_wrong_types_are_one_line(change, named):
