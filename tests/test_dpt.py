@@ -121,6 +121,15 @@ def test_both_layouts_load_the_same_model(case, estimator, tmp_path):
     assert again.model.state_dict().keys() == estimator.model.state_dict().keys()
 
 
+def test_pickled_weights_load_through_the_weights_only_loader(case, estimator, tmp_path):
+    folder = write_folder(tmp_path, "transformers", case.config, case.weights, case.preprocessor)
+    (folder / "model.safetensors").unlink()
+    torch.save(case.weights, folder / "pytorch_model.bin")
+    again = load_depth_estimator(folder)
+    assert all(torch.equal(again.model.state_dict()[key], value)
+               for key, value in estimator.model.state_dict().items())
+
+
 # ---- config.json and preprocessor_config.json keys: each honoured or refused by name ----
 
 DPT_HYBRID = {  # Intel/dpt-hybrid-midas as transformers' conversion script configures it (SD 2 depth's estimator)
