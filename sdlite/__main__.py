@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from . import __version__, prompts, samplers, schedule
-from .checkpoint import load, read_json, resolve
+from .checkpoint import load, resolve
+from .formats.diffusers import read_json
 from .errors import UserError
 from .image import check_writable, save_png
 from .lora import find_lora, split_lora_tags

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from . import samplers
-from .checkpoint import build, read_config, read_json, read_state_dict, weights_file
+from .checkpoint import build, read_state_dict
+from .formats.diffusers import read_config, read_json, weights_file
 from .errors import UserError
 from .image import generation_parameters, model_hash, to_images
 from .unet2d import UNet2D, UNet2DConfig, renamed_old_attention_keys

@@ -12,11 +12,13 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from sdlite.clip import CLIPTextConfig, CLIPTextModel, with_text_model_prefix
+from sdlite.clip import CLIPTextConfig, CLIPTextModel
 from sdlite.errors import UserError
+from sdlite.formats.diffusers import with_text_model_prefix
+from sdlite.formats.families import SD2
 from sdlite.prompts import (PromptEncoder, chunk_a1111, compel_fragments, describe, emphasis, encode_prompts,
                             parse_a1111, parse_compel)
-from sdlite.tokenizer import SD2_PAD_ID, Tokenizer
+from sdlite.tokenizer import Tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "prompts.safetensors"
 BOS, EOS = 49406, 49407
@@ -78,7 +80,7 @@ def test_short_prompt_is_one_window_with_its_weights(tokenizer):
 
 
 def test_sd2_pads_after_the_first_end_token():
-    chunks = chunk_a1111(Tokenizer.from_vendored(SD2_PAD_ID), parse_a1111("a cat"))
+    chunks = chunk_a1111(Tokenizer.from_vendored(SD2.pad_id), parse_a1111("a cat"))
     assert chunks.ids[0, 3] == EOS and (chunks.ids[0, 4:] == 0).all()
 
 

@@ -14,10 +14,12 @@ from PIL import Image
 
 import sdlite
 from sdlite.clip import CLIPTextConfig, CLIPTextModel
+from sdlite.formats.diffusers import save_folder
+from sdlite.formats.families import PIXEL_DDPM, SDLITE_TINY
 from sdlite.image import to_images, to_tensor
 from sdlite.samplers.training_schedule import alphas_cumprod
 from sdlite.tokenizer import Tokenizer
-from sdlite.train import cli, data, loop, objectives, save, scenes, stages
+from sdlite.train import cli, data, loop, objectives, scenes, stages
 from sdlite.unet import UNet, UNetConfig
 from sdlite.vae import AutoencoderKL, VAEConfig
 
@@ -31,7 +33,7 @@ TINY_UNET = UNetConfig(block_out_channels=(32, 64), layers_per_block=1, attentio
 def tiny_pipeline(size: int = 16) -> sdlite.Pipeline:
     torch.manual_seed(0)
     return sdlite.Pipeline(Tokenizer.from_vendored(), CLIPTextModel(TINY_TEXT), UNet(TINY_UNET),
-                           AutoencoderKL(TINY_VAE), dict(stages.SD_SCHEDULE), family="sd1", default_size=size,
+                           AutoencoderKL(TINY_VAE), SDLITE_TINY.scheduler_config(), family="sd1", default_size=size,
                            name="tiny")
 
 
@@ -91,7 +93,8 @@ def test_text_to_image_loss_falls(tmp_path):
     pipe.unet = UNet(UNetConfig(**{**TINY_UNET.__dict__, "in_channels": 3, "out_channels": 3}))
     images, captions = scene_images(64, 8)
     loss = objectives.text_to_image_loss((images, torch.zeros_like(images)), pipe.tokenizer(captions),
-                                         pipe.tokenizer([""]), alphas_cumprod(stages.schedule_of(stages.SD_SCHEDULE)),
+                                         pipe.tokenizer([""]),
+                                         alphas_cumprod(stages.schedule_of(SDLITE_TINY.scheduler_config())),
                                          "epsilon", batch_size=16)
     model = objectives.TextToImage(pipe.text_encoder, pipe.unet, train_text_encoder=False)
     trainer = loop.Trainer("unet", model, loss, quiet(steps=40, lr=3e-3, warmup_steps=5), tmp_path)
@@ -165,7 +168,7 @@ def assert_same_optimizer_state(a: torch.optim.Optimizer, b: torch.optim.Optimiz
 
 def test_saved_folder_loads_through_the_ordinary_loader(tmp_path):
     pipe = tiny_pipeline()
-    save.save_folder(pipe, tmp_path / "tiny", dtype=torch.float32)
+    save_folder(pipe, tmp_path / "tiny", dtype=torch.float32)
     loaded = sdlite.load(tmp_path / "tiny")
     assert loaded.default_size == 16 and loaded.default_sampler == "ddim"
     assert loaded.vae.config == pipe.vae.config and loaded.unet.config == pipe.unet.config
@@ -190,7 +193,7 @@ def run_train_command(*argv):
 def test_fine_tune_from_the_command_line(tmp_path):
     """A folder of images with captions beside them fine-tunes a checkpoint's UNet; its VAE and text encoder stay."""
     base = tiny_pipeline()
-    save.save_folder(base, tmp_path / "base", dtype=torch.float32)
+    save_folder(base, tmp_path / "base", dtype=torch.float32)
     data = tmp_path / "photos"
     data.mkdir()
     for i, scene in enumerate(scenes.all_scenes()[:4]):
@@ -221,7 +224,7 @@ def test_pixel_model_trains_and_samples(tmp_path):
     config = UNetConfig(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
                         attention_levels=(False, False), heads=(2, 2), cross_attention_dim=32)
     unet = stages.train_pixel(images, config, quiet(steps=3, batch_size=4), tmp_path)
-    samples = stages.sample_pixels(unet, stages.DDPM_SCHEDULE, n=2, size=16, steps=3, seed=0)
+    samples = stages.sample_pixels(unet, PIXEL_DDPM.scheduler_config(), n=2, size=16, steps=3, seed=0)
     assert samples.shape == (2, 3, 16, 16) and samples.abs().max() <= 1
     assert (tmp_path / "train" / "pixel-unet.pt").exists()
 

@@ -12,7 +12,7 @@ Read in this order:
   stages.py      the stages: a new VAE, a text-to-image UNet on its latents, fine-tuning, a pixel-space DDPM
   data.py        folders of images with captions beside them; scenes.py, the generated shapes the default model was
                  trained on (and the detector that scores what a model draws)
-  save.py        the trained pipeline written as a diffusers folder
   cli.py         `python -m sdlite train`: flags, checks, which stages run
+The trained pipeline is written as a diffusers folder by sdlite/formats/diffusers.py (save_folder).
 Only `python -m sdlite train` imports this package; generation never does.
 """

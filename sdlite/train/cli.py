@@ -16,14 +16,15 @@ import torch
 
 from ..checkpoint import load
 from ..errors import UserError
+from ..formats.diffusers import save_folder, save_scheduler, save_unet
+from ..formats.families import PIXEL_DDPM, SDLITE_TINY
 from ..image import to_tensor
 from ..pipeline import check_text
 from ..vae import VAEConfig
 from . import scenes
 from .data import read_folder
 from .loop import TrainConfig
-from .save import save_folder, save_unet, write_json
-from .stages import (DDPM_SCHEDULE, DEFAULT_VAE, PIXEL_UNET, new_pipeline, train_pixel, train_text_to_image,
+from .stages import (DEFAULT_VAE, PIXEL_UNET, new_pipeline, train_pixel, train_text_to_image,
                      train_vae)
 
 SAMPLE_PROMPTS = ["a red circle", "a blue square on the left", "a small green triangle at the top right",
@@ -42,7 +43,7 @@ def add_command(subparsers, formatter_class=argparse.RawDescriptionHelpFormatter
     p.add_argument("--model", help="fine-tune this checkpoint's UNet instead of training a new model")
     p.add_argument("--pixel", action="store_true", help="train an unconditional UNet on pixels (no VAE, no text)")
     p.add_argument("--caption", help="one caption for every image of --data")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels for a new model, a multiple of 16 "
+    p.add_argument("--size", type=int, default=SDLITE_TINY.image_size, help="image side in pixels for a new model, a multiple of 16 "
                    "(4 with --pixel; default: 64; fine-tuning uses the checkpoint's own size)")
     p.add_argument("--scenes", type=int, default=10000, help="number of generated scene images (--data scenes)")
     p.add_argument("--steps", type=int, default=3500, help="UNet training steps")
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> None:
     if args.pixel:
         unet = train_pixel(images, PIXEL_UNET, config, args.out)
         save_unet(unet, args.out / "unet", size, torch.float32)
-        write_json(args.out / "scheduler" / "scheduler_config.json", DDPM_SCHEDULE)
+        save_scheduler(PIXEL_DDPM.scheduler_config(), args.out / "scheduler")
         return
     if pipe is None:
         vae_training = TrainConfig(**{**asdict(config), "steps": args.vae_steps, "batch_size": args.vae_batch_size,

@@ -15,6 +15,7 @@ from PIL import Image
 from .. import samplers
 from ..clip import CLIPTextConfig, CLIPTextModel
 from ..errors import UserError
+from ..formats.families import PIXEL_DDPM, SDLITE_TINY
 from ..image import to_images
 from ..pipeline import Pipeline
 from ..progress import Progress
@@ -25,13 +26,6 @@ from ..vae import AutoencoderKL, VAEConfig
 from .loop import TrainConfig, Trainer
 from .objectives import TextToImage, null_context, pixel_loss, text_to_image_loss, vae_loss
 
-# SD's training schedule (its scheduler_config.json), sampled by default with DDIM, which needs few steps.
-SD_SCHEDULE = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-               "beta_schedule": "scaled_linear", "trained_betas": None, "steps_offset": 1, "clip_sample": False,
-               "set_alpha_to_one": False, "timestep_spacing": "leading", "prediction_type": "epsilon"}
-# The pixel model is trained on DDPM's own schedule (Ho et al. 2020, sec. 4) and sampled with its ancestral loop.
-DDPM_SCHEDULE = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
-                 "beta_schedule": "linear", "trained_betas": None, "clip_sample": True, "prediction_type": "epsilon"}
 # The default model's architecture: SD's classes, miniature widths (64 x 64 images, 8 x 8 x 4 latents as in SD).
 DEFAULT_VAE = VAEConfig(block_out_channels=(8, 16, 32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8)
 DEFAULT_TEXT = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
@@ -68,7 +62,7 @@ def new_pipeline(vae: AutoencoderKL, size: int, seed: int, name: str) -> Pipelin
     unet_config = UNetConfig(**{**asdict(DEFAULT_UNET), "in_channels": vae.config.latent_channels,
                                 "out_channels": vae.config.latent_channels})
     return Pipeline(Tokenizer.from_vendored(), CLIPTextModel(DEFAULT_TEXT), UNet(unet_config), vae,
-                    dict(SD_SCHEDULE), family="sd1", default_size=size, name=name)
+                    SDLITE_TINY.scheduler_config(), family=SDLITE_TINY.name, default_size=size, name=name)
 
 
 def train_text_to_image(pipe: Pipeline, images: torch.Tensor, captions: list[str], config: TrainConfig, out: Path,
@@ -110,11 +104,12 @@ def train_pixel(images: torch.Tensor, unet_config: UNetConfig, config: TrainConf
     """An unconditional UNet on the images themselves: DDPM as Ho et al. 2020 trained it (CIFAR-10, CelebA-HQ)."""
     torch.manual_seed(config.seed)
     unet = UNet(unet_config)
-    alpha_bar = alphas_cumprod(schedule_of(DDPM_SCHEDULE))
+    alpha_bar = alphas_cumprod(schedule_of(PIXEL_DDPM.scheduler_config()))
     size = images.shape[-1]
 
     def sample_grid(ema: UNet) -> Image.Image:
-        return grid(to_images(sample_pixels(ema, DDPM_SCHEDULE, 8, size, steps=50, seed=0)), columns=8)
+        pixels = sample_pixels(ema, PIXEL_DDPM.scheduler_config(), 8, size, steps=50, seed=0)
+        return grid(to_images(pixels), columns=8)
 
     trainer = Trainer("pixel-unet", unet, pixel_loss(images, alpha_bar, config.batch_size), config, out, sample_grid)
     trainer.resume()
