@@ -26,11 +26,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .config import ACTIVATIONS, ConfigFile, show
+from .config import ConfigFile, show
 from .errors import UserError
 from .image import open_rgb
-from .unet import (DOWN_TYPES, DownBlock, MidBlock, TimestepEmbedding, UNetConfig, ldm_to_diffusers_key,
-                   timestep_embedding)
+from .unet import DownBlock, MidBlock, TimestepEmbedding, UNetConfig, ldm_to_diffusers_key, timestep_embedding
 
 # config.json keys sdlite has no code for, accepted at the reference's defaults only (see config.py).
 CONTROLNET_REFUSED = {
@@ -39,12 +38,16 @@ CONTROLNET_REFUSED = {
     "projection_class_embeddings_input_dim": (None,), "addition_embed_type_num_heads": (64,),
     "resnet_time_scale_shift": ("default",), "mid_block_type": ("UNetMidBlock2DCrossAttn",),
 }
-CONTROLNET_IMPLEMENTED = {
-    "in_channels", "conditioning_channels", "flip_sin_to_cos", "freq_shift", "down_block_types",
-    "only_cross_attention", "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor",
-    "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim", "transformer_layers_per_block",
-    "attention_head_dim", "num_attention_heads", "use_linear_projection", "upcast_attention",
-    "controlnet_conditioning_channel_order", "conditioning_embedding_out_channels", "global_pool_conditions",
+# The keys of the encoder half, which mean what they mean in a UNet's config.json (UNetConfig.from_json reads them).
+ENCODER_KEYS = {
+    "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "only_cross_attention", "block_out_channels",
+    "layers_per_block", "downsample_padding", "mid_block_scale_factor", "act_fn", "norm_num_groups", "norm_eps",
+    "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim", "use_linear_projection",
+    "upcast_attention",
+}
+CONTROLNET_IMPLEMENTED = ENCODER_KEYS | {
+    "num_attention_heads", "conditioning_channels", "controlnet_conditioning_channel_order",
+    "conditioning_embedding_out_channels", "global_pool_conditions",
 }
 # text-context widths of the families whose ControlNets sdlite cannot run (SD 1.x: 768, SD 2.x: 1024)
 OTHER_FAMILIES = {2048: "SDXL", 1280: "the SDXL refiner"}
@@ -63,38 +66,21 @@ class ControlNetConfig:
     def from_json(cls, cfg: dict, where="config.json") -> "ControlNetConfig":
         """From a diffusers ControlNetModel config.json; a key sdlite cannot honour is a UserError naming it."""
         if isinstance(cfg, dict):
-            refuse_other_family(where, cfg.get("cross_attention_dim"), cfg.get("addition_embed_type"))
+            extra = cfg.get("addition_embed_type")
+            refuse_other_family(where, cfg.get("cross_attention_dim"),
+                                None if extra is None else f"addition_embed_type {show(extra)}")
         c = ConfigFile(cfg, where, CONTROLNET_IMPLEMENTED, CONTROLNET_REFUSED)
-        channels = c.list_of("block_out_channels", [320, 640, 1280, 1280], int)
-        levels = len(channels)
-        down = c.list_of("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], str, levels)
-        if unknown := [t for t in down if t not in DOWN_TYPES]:
-            raise UserError(f"{where}: down_block_types has {unknown[0]}, which sdlite does not implement "
-                            f"(only {' and '.join(DOWN_TYPES)})")
-        if c.values.get("norm_num_groups", 32) is None:
-            raise UserError(f"{where}: norm_num_groups = null (no norms) is not supported by sdlite")
-        # as in the reference, num_attention_heads (when given) is the number of heads, and so is attention_head_dim
-        heads_key = "attention_head_dim" if c.values.get("num_attention_heads") is None else "num_attention_heads"
-        encoder = UNetConfig(
-            in_channels=c.get("in_channels", 4, int),
-            block_out_channels=channels,
-            layers_per_block=c.get("layers_per_block", 2, int),     # one for all levels: the reference takes no list
-            attention_levels=tuple(DOWN_TYPES[t] for t in down),
-            heads=c.per_level(heads_key, 8, int, levels),
-            transformer_depth=c.per_level("transformer_layers_per_block", 1, int, levels),
-            cross_attention_dim=c.get("cross_attention_dim", 1280, int),
-            only_cross_attention=c.per_level("only_cross_attention", False, bool, levels),
-            use_linear_projection=c.get("use_linear_projection", False, bool),
-            upcast_attention=c.get("upcast_attention", False, bool),
-            norm_num_groups=c.get("norm_num_groups", 32, int),
-            norm_eps=c.get("norm_eps", 1e-5, float),
-            act_fn=c.choice("act_fn", "silu", ACTIVATIONS),
-            downsample_padding=c.get("downsample_padding", 1, int),
-            mid_block_scale_factor=c.get("mid_block_scale_factor", 1.0, float),
-            flip_sin_to_cos=c.get("flip_sin_to_cos", True, bool),
-            freq_shift=c.get("freq_shift", 0.0, float),
-        )
-        encoder.check(where)
+        # The encoder half is read as a UNet config.json of the same keys would be, with the decoder mirroring it.
+        # Two keys take one value only, as in the reference; num_attention_heads (when given) is the number of
+        # heads, and so is attention_head_dim (diffusers' quirk, see unet.py).
+        c.get("layers_per_block", 2, int)
+        c.get("cross_attention_dim", 1280, int)
+        down = c.list_of("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], str)
+        unet_json = {key: value for key, value in cfg.items() if key in ENCODER_KEYS}
+        unet_json["up_block_types"] = [t.replace("Down", "Up") for t in reversed(down)]
+        if cfg.get("num_attention_heads") is not None:
+            unet_json["attention_head_dim"] = cfg["num_attention_heads"]
+        encoder = UNetConfig.from_json(unet_json, where)
         config = cls(
             encoder=encoder,
             conditioning_channels=c.get("conditioning_channels", 3, int),
@@ -107,13 +93,13 @@ class ControlNetConfig:
         return config
 
 
-def refuse_other_family(where, context_width, extra_embedding) -> None:
-    """A ControlNet for SDXL (a text context 2048 wide, an added embedding of pooled text and image sizes) or another
-    family is refused by name."""
-    family = OTHER_FAMILIES.get(context_width) or ("SDXL" if extra_embedding is not None else None)
+def refuse_other_family(where, context_width, extra_embedding: str | None) -> None:
+    """A ControlNet for SDXL (a text context 2048 wide, an added embedding of pooled text and image sizes, named by
+    `extra_embedding` where there is one) or another family is refused by name."""
+    width_of_another = isinstance(context_width, int) and context_width in OTHER_FAMILIES
+    family = OTHER_FAMILIES[context_width] if width_of_another else "SDXL" if extra_embedding is not None else None
     if family:
-        why = f"cross_attention_dim {context_width}" if context_width in OTHER_FAMILIES else \
-            f"addition_embed_type {show(extra_embedding)}"
+        why = f"cross_attention_dim {context_width}" if width_of_another else extra_embedding
         raise UserError(f"{where}: a ControlNet for {family} ({why}): sdlite runs SD 1.x and 2.x ControlNets only")
 
 
@@ -232,7 +218,7 @@ def single_file_part(sd: dict[str, torch.Tensor], where) -> dict[str, torch.Tens
     if "zero_convs.0.0.weight" not in sd:
         raise UserError(f"{where}: not a ControlNet (no control_model.zero_convs.* weights)")
     widths = [v.shape[-1] for k, v in sd.items() if k.endswith("attn2.to_k.weight")]
-    refuse_other_family(where, max(widths, default=None), "label_emb" if "label_emb.0.0.weight" in sd else None)
+    refuse_other_family(where, max(widths, default=None), "label_emb.* weights" if "label_emb.0.0.weight" in sd else None)
     return sd
 
 

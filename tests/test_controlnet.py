@@ -264,3 +264,21 @@ def test_a_controlnet_for_another_unet_is_refused():
     with pytest.raises(UserError, match="text context 48 wide"):
         sd1.check_fits(sd2_unet)
     sd1.check_fits(UNetConfig.from_json(json.loads((FIXTURES / "unet_sd1.json").read_text())))
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"layers_per_block": [2, 2, 2]}, "layers_per_block"),          # the reference takes one value for all levels
+    ({"cross_attention_dim": [48, 48, 48]}, "cross_attention_dim"),
+    ({"down_block_types": ["AttnDownBlock2D", "DownBlock2D", "DownBlock2D"]}, "AttnDownBlock2D"),
+    ({"down_block_types": ["DownBlock2D"]}, "down_block_types"),
+    ({"norm_num_groups": None}, "norm_num_groups"),
+    ({"attention_head_dim": 5}, "attention_head_dim"),
+    ({"num_attention_heads": 5}, "attention_head_dim"),
+    ({"controlnet_conditioning_channel_order": "bgra"}, "controlnet_conditioning_channel_order"),
+    ({"conditioning_embedding_out_channels": [16, 0]}, "conditioning_embedding_out_channels"),
+    ({"global_pool_conditions": "no"}, "global_pool_conditions"),
+])
+def test_wrong_types_and_values_are_one_line(change, named):
+    with pytest.raises(UserError) as e:
+        ControlNetConfig.from_json({**Case("sd1").config_json, **change}, "cn/config.json")
+    assert "\n" not in str(e.value) and named in str(e.value) and "cn/config.json" in str(e.value)
