@@ -57,10 +57,11 @@ OTHER_FAMILIES = {2048: "SDXL", 1280: "the SDXL refiner"}
 class ControlNetConfig:
     """The encoder half as a UNetConfig (its decoder fields unused), and the ControlNet's own settings."""
     encoder: UNetConfig = field(default_factory=UNetConfig)
-    conditioning_channels: int = 3                    # of the control image
-    hint_channels: tuple[int, ...] = (16, 32, 96, 256)   # the hint encoder's levels (conditioning_embedding_out_channels)
-    bgr: bool = False                                 # the control image is read with its channels reversed
-    global_pool_conditions: bool = False              # residuals averaged over the image (shuffle ControlNets)
+    conditioning_channels: int = 3                       # of the control image
+    hint_channels: tuple[int, ...] = (16, 32, 96, 256)   # widths of the hint encoder's levels (diffusers' key:
+                                                         # conditioning_embedding_out_channels)
+    bgr: bool = False                                    # the control image is read with its channels reversed
+    global_pool_conditions: bool = False                 # residuals averaged over the image (shuffle ControlNets)
 
     @classmethod
     def from_json(cls, cfg: dict, where="config.json") -> "ControlNetConfig":
@@ -218,7 +219,8 @@ def single_file_part(sd: dict[str, torch.Tensor], where) -> dict[str, torch.Tens
     if "zero_convs.0.0.weight" not in sd:
         raise UserError(f"{where}: not a ControlNet (no control_model.zero_convs.* weights)")
     widths = [v.shape[-1] for k, v in sd.items() if k.endswith("attn2.to_k.weight")]
-    refuse_other_family(where, max(widths, default=None), "label_emb.* weights" if "label_emb.0.0.weight" in sd else None)
+    sdxl = "label_emb.* weights" if "label_emb.0.0.weight" in sd else None
+    refuse_other_family(where, max(widths, default=None), sdxl)
     return sd
 
 
