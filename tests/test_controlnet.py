@@ -263,6 +263,8 @@ def test_a_controlnet_for_another_unet_is_refused():
     sd2_unet = UNetConfig.from_json(json.loads((FIXTURES / "unet_sd2.json").read_text()))
     with pytest.raises(UserError, match="text context 48 wide"):
         sd1.check_fits(sd2_unet)
+    with pytest.raises(UserError, match="levels"):
+        sd1.check_fits(UNetConfig(block_out_channels=(32, 64), attention_levels=(True, False), cross_attention_dim=48))
     sd1.check_fits(UNetConfig.from_json(json.loads((FIXTURES / "unet_sd1.json").read_text())))
 
 
