@@ -27,12 +27,13 @@ import torch
 
 from . import __version__, prompts, samplers, schedule
 from .checkpoint import load, resolve
-from .formats.diffusers import read_json
 from .errors import UserError
-from .image import check_writable, save_png
+from .formats.diffusers import read_json
+from .image import check_writable, open_rgb, save_png
 from .lora import find_lora, split_lora_tags
 from .pipeline import check_text
 from .pixel import PixelPipeline, is_pixel_folder
+from .preprocess import canny_image
 from .progress import Progress
 
 if starting:
@@ -138,6 +139,18 @@ def parser(training: bool = True) -> argparse.ArgumentParser:
     if training:
         from .train.cli import add_command
         add_command(commands, HelpFormatter)
+    preprocess = commands.add_parser("preprocess", help="make a control image for a ControlNet",
+                                     formatter_class=HelpFormatter)
+    kinds = preprocess.add_subparsers(dest="kind", required=True, help="the kind of control image")
+    canny = kinds.add_parser("canny", help="Canny edges, as OpenCV's cv2.Canny(image, low, high)",
+                             formatter_class=HelpFormatter)
+    canny.set_defaults(run=make_control_image)
+    canny.add_argument("image", type=Path, help="the image to find the edges of")
+    canny.add_argument("--low", type=float, default=100.0, help="gradient magnitude (|dx| + |dy| of the 3x3 Sobel) "
+                                                               "above which a pixel joins an edge that is found")
+    canny.add_argument("--high", type=float, default=200.0, help="gradient magnitude above which an edge starts")
+    canny.add_argument("--out", type=Path, help="output PNG (default: IMAGE-canny.png, IMAGE the input's name)")
+    canny.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p
 
 
@@ -291,6 +304,17 @@ def show_schedule(args: argparse.Namespace) -> None:
                  f"T = {config.get('num_train_timesteps', 1000)}, {args.steps} steps")
         schedule.plot(schedule.training_alphas_cumprod(config), timesteps, title, args.plot, args.overwrite)
         print(args.plot)
+
+
+def make_control_image(args: argparse.Namespace) -> None:
+    """preprocess canny: the edges of an image, written as a greyscale PNG."""
+    out = args.out or Path(f"{args.image.stem}-canny.png")
+    check_outputs(out, 1, args.overwrite)
+    if not args.image.is_file():
+        raise UserError(f"{args.image}: {'not a regular file' if args.image.exists() else 'no such file'}")
+    edges = canny_image(open_rgb(args.image), args.low, args.high)
+    save_png(edges, out, overwrite=args.overwrite)
+    print(out)
 
 
 def lora_flag(text: str) -> tuple[Path, float]:

@@ -468,9 +468,12 @@ class UNet(nn.Module):
         k = config.conv_out_kernel
         self.conv_out = Conv2d(channels[0], config.out_channels, k, padding=(k - 1) // 2)
 
-    def forward(self, x: torch.Tensor, t: float | int | torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: float | int | torch.Tensor, context: torch.Tensor,
+                down_residuals: list[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """x (B, in, h, w), t a number or a 0-d or (B,) tensor, context (B, 77, cross_attention_dim)
-        -> (B, out, h, w)."""
+        -> (B, out, h, w). A ControlNet's outputs (controlnet.py) are added to the skips (`down_residuals`, one per
+        skip) and to the mid block's output (`mid_residual`)."""
         c = self.config
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         t_emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(x.dtype)
@@ -483,8 +486,12 @@ class UNet(nn.Module):
         for block in self.down_blocks:
             x, block_skips = block(x, emb, context)
             skips += block_skips
+        if down_residuals is not None:
+            skips = [skip + residual for skip, residual in zip(skips, down_residuals, strict=True)]
         if self.mid_block is not None:
             x = self.mid_block(x, emb, context)
+        if mid_residual is not None:
+            x = x + mid_residual
         for block in self.up_blocks:
             x = block(x, skips, emb, context)
         return self.conv_out(ACTIVATIONS[c.act_fn](self.conv_norm_out(x), inplace=True))
