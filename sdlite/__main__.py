@@ -179,7 +179,7 @@ def generate(args: argparse.Namespace) -> None:
     out = args.out or Path(f"{args.command}-{seed}.png")
     check_outputs(out, args.batch_size, args.overwrite)
     pipe = load(model, dtype=DTYPES[args.dtype], device=args.device, prediction_type=args.prediction_type)
-    pipe.vae.tiling = args.vae_tiling
+    pipe.vae_tiling = args.vae_tiling
     for path in args.embedding:
         pipe.load_embedding(path)
     for path, weight in loras:

@@ -14,9 +14,9 @@
 import json
 import os
 from pathlib import Path
-from unittest import mock
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .clip import CLIPTextConfig, CLIPTextModel, clip_from_openai, clip_from_openclip, with_text_model_prefix
 from .errors import UserError
@@ -232,12 +232,21 @@ def weights_file(folder: Path, stem: str) -> Path:
     raise UserError(f"{folder}: no weights ({stem}.safetensors or {stem}.fp16.safetensors)")
 
 
+class SkipNormalInit(TorchFunctionMode):
+    """Within it, nn.init.normal_ (nn.Embedding's init) leaves its tensor as it is: on the meta device it would do
+    nothing but import torch._dynamo, 1.6 s at every load on this machine."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.init.normal_:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def build(module_class, config, state_dict: dict[str, torch.Tensor], where: Path) -> torch.nn.Module:
     """The module with the checkpoint's tensors as its parameters: built on the meta device (no memory, no random
     init) and given the loaded tensors themselves, never a copy. A missing or unexpected key is an error."""
-    # normal_ (nn.Embedding's init) is skipped: on the meta device it does nothing but import torch._dynamo, seconds
     try:
-        with torch.device("meta"), mock.patch("torch.nn.init.normal_", lambda tensor, *args, **kwargs: tensor):
+        with torch.device("meta"), SkipNormalInit():
             module = module_class(config)
     except UserError:
         raise

@@ -9,9 +9,8 @@
     image = vae.decode(vae.unscale_latents(x))                     x / scaling_factor in SD
 
 All randomness comes from one torch.Generator seeded once, drawn in the reference's order, so a seed means the same
-image as in diffusers. The UNet and the VAE run `streaming` (weights.py): each layer hands the pages of its
-memory-mapped weights back to the OS right after it has run, so that a call holds the weights of one layer at a time
-(the text encoder's go back after both prompts).
+image as in diffusers. Each stage runs its network within `runtime.running` (runtime.py), which applies the CPU
+fast paths from outside the model: packed convolutions, channels-last memory, weights streamed from the mapped file.
 """
 import math
 import random
@@ -24,17 +23,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from . import lora, samplers
+from . import lora, runtime, samplers
 from .clip import CLIPTextModel
 from .embeddings import add_embedding
 from .errors import UserError
 from .image import generation_parameters, model_hash, open_rgb, paste_unmasked, to_tensor
-from .onednn import pack_convolutions
 from .prompts import encode_prompts
+from .tiling import tiled_decode, tiled_encode
 from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import AutoencoderKL
-from .weights import release, streaming
 
 GB = 2**30
 
@@ -62,9 +60,12 @@ class Pipeline:
         self.name = name
         self.model_file: Path | None = None       # the weights file whose hash the PNGs carry (checkpoint.load sets it)
         self.vae_scale = vae.config.downscale
-        # The sampling loop runs the UNet's convolutions on weights packed for oneDNN (onednn.py); False runs plain
+        # The sampling loop runs the UNet's convolutions on weights packed for oneDNN (runtime.py); False runs plain
         # nn.Conv2d, whose fp32 results are bit-identical to diffusers' UNet instead of equal to float rounding.
         self.packed_convolutions = True
+        # Images larger than the VAE's sample_size go through it in tiles (tiling.py): memory bounded by one tile
+        # instead of growing with the image, at the price of results that differ from the untiled ones.
+        self.vae_tiling = False
 
     def to(self, device=None, dtype=None) -> "Pipeline":
         for module in (self.text_encoder, self.unet):
@@ -231,7 +232,7 @@ class Pipeline:
         if available is not None and needed > available:
             raise UserError(f"{width}x{height} with batch size {batch_size} in {str(self.dtype).removeprefix('torch.')} "
                             f"needs about {needed / GB:.1f} GB of working memory, and {available / GB:.1f} GB are "
-                            f"available: choose a smaller size or batch" + ("" if self.vae.tiling else
+                            f"available: choose a smaller size or batch" + ("" if self.vae_tiling else
                                                                             ", or use VAE tiling (--vae-tiling)"))
 
     def working_memory(self, batch_size: int, width: int, height: int) -> int:
@@ -242,7 +243,7 @@ class Pipeline:
         tiling the VAE's side is its tile's."""
         item = self.dtype.itemsize
         vae_side = self.vae.config.sample_size
-        vae_pixels = min(width, vae_side) * min(height, vae_side) if self.vae.tiling else width * height
+        vae_pixels = min(width, vae_side) * min(height, vae_side) if self.vae_tiling else width * height
         vae = 6 * batch_size * 2 * self.vae.config.block_out_channels[0] * vae_pixels * item
         latents = (width // self.vae_scale) * (height // self.vae_scale)
         unet = 3 * 2 * batch_size * 8 * self.unet.config.block_out_channels[0] * latents * item
@@ -286,8 +287,9 @@ class Pipeline:
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(1, 3, H, W) pixels in [-1, 1] -> (1, 4, H/8, W/8) latents: a sample of the VAE's posterior, scaled."""
         vae_dtype = self.vae.upcast_for(self.dtype)
-        with streaming(self.vae):
-            posterior = self.vae.encode(pixels.to(self.device, vae_dtype))
+        with runtime.running(self.vae):
+            pixels = pixels.to(self.device, vae_dtype)
+            posterior = tiled_encode(self.vae, pixels) if self.vae_tiling else self.vae.encode(pixels)
         return self.vae.scale_latents(posterior.sample(generator)).to(self.dtype)
 
     def encode_prompt(self, prompt: str, negative_prompt: str, batch_size: int, guidance_scale: float,
@@ -295,10 +297,9 @@ class Pipeline:
         """(2B, 77*k, D): B copies of the negative prompt's context, then B of the prompt's; (B, 77*k, D) without
         guidance (prompts.py; k > 1 for long a1111 prompts)."""
         negative = (negative_prompt or "") if guidance_scale > 1 else None
-        context = encode_prompts(self.tokenizer, self.text_encoder, prompt, negative, batch_size, prompt_syntax,
-                                 clip_skip)
-        release(self.text_encoder)  # after both prompts: streaming would read its pages back for the second one
-        return context
+        with runtime.running(self.text_encoder):
+            return encode_prompts(self.tokenizer, self.text_encoder, prompt, negative, batch_size, prompt_syntax,
+                                  clip_skip)
 
     def denoise(self, x: torch.Tensor, run: "Run", timesteps: torch.Tensor, guidance_scale: float,
                 progress: Progress | None, extra_channels: torch.Tensor | None = None,
@@ -310,8 +311,7 @@ class Pipeline:
                         the image's latents noised to the next timestep after each step
         """
         guided = guidance_scale > 1
-        pack_convolutions(self.unet, self.packed_convolutions)  # weights reordered for oneDNN once, not every step
-        with streaming(self.unet):
+        with runtime.running(self.unet, self.packed_convolutions):
             for i, t in enumerate(timesteps):
                 x_in = run.sampler.scale_input(torch.cat([x, x]) if guided else x, t)
                 if extra_channels is not None:
@@ -335,9 +335,9 @@ class Pipeline:
 
     def decode(self, x: torch.Tensor, parameters: str) -> list[Image.Image]:
         """Latents -> uint8 RGB images, rounded as the reference rounds them."""
-        with streaming(self.vae):
+        with runtime.running(self.vae):
             z = self.vae.unscale_latents(x).to(self.vae.upcast_for(self.dtype))
-            pixels = self.vae.decode(z)                                        # (B, 3, H, W) in [-1, 1]
+            pixels = tiled_decode(self.vae, z) if self.vae_tiling else self.vae.decode(z)   # (B, 3, H, W) in [-1, 1]
         self.check_finite(pixels, "the decoded image")
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         images = []

@@ -22,7 +22,6 @@ from torch import nn
 from .attention import attention
 from .config import ACTIVATIONS, ConfigFile, show
 from .errors import UserError
-from .onednn import Conv2d
 
 
 # The values of config.json keys that sdlite has no code for and that change nothing at these values (the reference's
@@ -235,19 +234,18 @@ class ResnetBlock(nn.Module):
         groups, eps = cfg.norm_num_groups, cfg.norm_eps
         self.act, self.output_scale = ACTIVATIONS[cfg.act_fn], output_scale
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(cfg.time_embed_dim, out_channels)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        # in place where a tensor has no other use: fewer large allocations, the same numbers
-        h = self.conv1(self.act(self.norm1(x), inplace=True))
-        h += self.time_emb_proj(self.act(emb))[:, :, None, None]
-        h = self.conv2(self.act(self.norm2(h), inplace=True))
-        h = h.add_(self.conv_shortcut(x))
-        return h if self.output_scale == 1 else h.div_(self.output_scale)
+        h = self.conv1(self.act(self.norm1(x)))
+        h = h + self.time_emb_proj(self.act(emb))[:, :, None, None]
+        h = self.conv2(self.act(self.norm2(h)))
+        h = h + self.conv_shortcut(x)
+        return h if self.output_scale == 1 else h / self.output_scale
 
 
 class Attention(nn.Module):
@@ -318,12 +316,12 @@ class SpatialTransformer(nn.Module):
         channels = cfg.block_out_channels[level]
         self.linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(cfg.norm_num_groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, channels) if self.linear else Conv2d(channels, channels, 1)
+        self.proj_in = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(channels, cfg.heads[level], cfg.cross_attention_dim[level], cfg.upcast_attention,
                              cfg.only_cross_attention[level])
             for _ in range(cfg.transformer_depth[level]))
-        self.proj_out = nn.Linear(channels, channels) if self.linear else Conv2d(channels, channels, 1)
+        self.proj_out = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -351,7 +349,7 @@ class Downsample(nn.Module):
     def __init__(self, channels: int, padding: int):
         super().__init__()
         self.asymmetric = padding == 0
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)   # padding 1: h -> ceil(h / 2)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)   # padding 1: h -> ceil(h / 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
@@ -362,7 +360,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
         """To `size`, that of the skip met next: twice x's, or one less where the skip is odd (5 -> 9)."""
@@ -446,7 +444,7 @@ class UNet(nn.Module):
         channels = config.block_out_channels
         self.time_embedding = TimestepEmbedding(channels[0], config.time_embed_dim, config.act_fn)
         k = config.conv_in_kernel
-        self.conv_in = Conv2d(config.in_channels, channels[0], k, padding=(k - 1) // 2)
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], k, padding=(k - 1) // 2)
 
         self.down_blocks = nn.ModuleList()
         skip_channels = [channels[0]]   # of every skip the encoder leaves, in order: conv_in's, then each block's
@@ -466,7 +464,7 @@ class UNet(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         k = config.conv_out_kernel
-        self.conv_out = Conv2d(channels[0], config.out_channels, k, padding=(k - 1) // 2)
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, k, padding=(k - 1) // 2)
 
     def forward(self, x: torch.Tensor, t: float | int | torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x (B, in, h, w), t a number or a 0-d or (B,) tensor, context (B, 77, cross_attention_dim)
@@ -487,7 +485,7 @@ class UNet(nn.Module):
             x = self.mid_block(x, emb, context)
         for block in self.up_blocks:
             x = block(x, skips, emb, context)
-        return self.conv_out(ACTIVATIONS[c.act_fn](self.conv_norm_out(x), inplace=True))
+        return self.conv_out(ACTIVATIONS[c.act_fn](self.conv_norm_out(x)))
 
 
 # ---- the original single-file layout (CompVis/Stability "model.diffusion_model.*") ----

@@ -22,14 +22,6 @@ from .attention import attention
 from .config import ACTIVATIONS, ConfigFile, show
 from .errors import UserError
 
-# Both directions run in the channels-last memory layout (N, H, W, C in memory; the shapes stay N, C, H, W), which
-# every layer here keeps. On the CPU, oneDNN's convolutions take it as it is, where each convolution of an NCHW tensor
-# costs two reorders of its activations: a 512x512 decode is 13 % faster in fp32 and 15 % in bf16. The sums in the
-# convolutions then run in another order than in diffusers (NCHW up to the mid-block): the results agree to float
-# rounding (about 2e-5 relative at full size in fp32), no longer bit for bit.
-CHANNELS_LAST = torch.channels_last
-
-
 # The keys VAEConfig.from_json reads (down/up_block_types only to check they are the one kind sdlite implements),
 # and those it refuses unless they hold these values.
 VAE_IMPLEMENTED = {
@@ -53,7 +45,7 @@ class VAEConfig:
     shift_factor: float | None = None  # SD3's: latents = scaling_factor * (z - shift_factor)
     latents_mean: tuple[float, ...] | None = None  # SDXL's: latents = scaling_factor * (z - mean) / std, per channel
     latents_std: tuple[float, ...] | None = None
-    sample_size: int = 512  # the image side it was trained at; with tiling on, the side of a tile
+    sample_size: int = 512  # the image side it was trained at; the side of a tile in tiling.py
     force_upcast: bool = True  # a float16 pipeline runs this VAE in float32 (as diffusers' SDXL pipelines do)
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
@@ -166,11 +158,10 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in place where a tensor has no other use: fewer large allocations (of up to 270 MB), the same numbers
-        h = self.conv1(self.act(self.norm1(x), inplace=True))
-        h = self.conv2(self.act(self.norm2(h), inplace=True))
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.act(self.norm2(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return h.add_(skip)
+        return h + skip
 
 
 class AttentionBlock(nn.Module):
@@ -275,7 +266,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))   # silu whatever act_fn says, as diffusers
+        return self.conv_out(F.silu(self.conv_norm_out(x)))   # silu whatever act_fn says, as diffusers
 
 
 class Decoder(nn.Module):
@@ -296,7 +287,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))   # silu whatever act_fn says, as diffusers
+        return self.conv_out(F.silu(self.conv_norm_out(x)))   # silu whatever act_fn says, as diffusers
 
 
 class AutoencoderKL(nn.Module):
@@ -311,9 +302,6 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else nn.Identity()
         self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_post_quant_conv else nn.Identity()
         self.decoder = Decoder(config)
-        # Images larger than config.sample_size on a side go through in tiles (see `tiled`): memory bounded by one
-        # tile instead of growing with the image, at the price of results that differ from the untiled ones.
-        self.tiling = False
 
     def upcast_for(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype this VAE runs in within a pipeline of `dtype`: float32 for float16 if the config says
@@ -344,48 +332,15 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """q(z|x) for images x (B, C, H, W) in [-1, 1]."""
-        tile = self.config.sample_size
-        if self.tiling and max(x.shape[2:]) > tile:
-            return DiagonalGaussian(tiled(self.moments, x, tile, tile // self.config.downscale))
         return DiagonalGaussian(self.moments(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images in about [-1, 1] for latents z (B, latent_channels, h, w), not scaled by scaling_factor."""
-        tile = self.config.sample_size // self.config.downscale
-        if self.tiling and max(z.shape[2:]) > tile:
-            return tiled(self.pixels, z, tile, self.config.sample_size)
-        return self.pixels(z)
+        return self.decoder(self.post_quant_conv(z))
 
     def moments(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(self.encoder(x.contiguous(memory_format=CHANNELS_LAST)))
-
-    def pixels(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z.contiguous(memory_format=CHANNELS_LAST)))
-
-
-def tiled(f, x: torch.Tensor, tile: int, out_tile: int) -> torch.Tensor:
-    """f(x) computed on overlapping tile x tile pieces of x, blended back together, as diffusers' AutoencoderKL does
-    with tiling enabled (and A1111 and ComfyUI offer): a tile starts every 3/4 tile; each output tile (out_tile
-    square) fades in linearly over its first quarter from the tiles above and to its left, and keeps its first 3/4.
-    Tiles see no context beyond their borders, so the result differs from f(x) near the seams."""
-    stride, blend = tile * 3 // 4, out_tile // 4
-    rows = [[f(x[:, :, i:i + tile, j:j + tile]) for j in range(0, x.shape[3], stride)]
-            for i in range(0, x.shape[2], stride)]
-    for i, row in enumerate(rows):
-        for j, out in enumerate(row):
-            if i > 0:
-                fade_in(out, rows[i - 1][j], blend, dim=2)
-            if j > 0:
-                fade_in(out, row[j - 1], blend, dim=3)
-    keep = out_tile - blend
-    return torch.cat([torch.cat([out[:, :, :keep, :keep] for out in row], dim=3) for row in rows], dim=2)
-
-
-def fade_in(b: torch.Tensor, a: torch.Tensor, n: int, dim: int) -> None:
-    """In place: the first n rows (dim 2) or columns (dim 3) of b go linearly from a's last n to b's own."""
-    n = min(a.shape[dim], b.shape[dim], n)
-    for k in range(n):
-        b.select(dim, k).copy_(a.select(dim, k - n) * (1 - k / n) + b.select(dim, k) * (k / n))
+        """The posterior's mean and log-variance stacked: (B, 2 * latent_channels, h, w)."""
+        return self.quant_conv(self.encoder(x))
 
 
 # Components of LDM key names that diffusers calls differently. The other components are the same in both.

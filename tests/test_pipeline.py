@@ -8,10 +8,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 
 import sdlite
-from sdlite import onednn
+from sdlite import runtime
 
 from conftest import FIXTURES
 
@@ -76,12 +77,15 @@ def test_packed_and_plain_convolutions_both_give_the_reference_images(checkpoint
     name = next(n for n, c in CASES.items() if c["kind"] == "txt2img" and c["family"] == "sd1")
     c = CASES[name]
     pipe = sdlite.load(checkpoints / "sd1")
-    convs = [m for m in pipe.unet.modules() if isinstance(m, onednn.Conv2d)]
+    convs = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)]
     for packed in (True, False):
         pipe.packed_convolutions = packed
         images = pipe.txt2img(c["prompt"], width=c["width"], height=c["height"], **settings(c))
         assert_same_images(images, REFERENCE[name])
-        assert all((conv.packed is not None) == (packed and onednn.AVAILABLE) for conv in convs)
+        if packed and runtime.AVAILABLE:
+            assert all(isinstance(conv, runtime.PackedConv2d) and conv.packed is not None for conv in convs)
+        else:
+            assert all(type(conv) is torch.nn.Conv2d for conv in convs)
 
 
 def test_a_seed_means_one_image_and_another_seed_another(checkpoints):
