@@ -133,10 +133,10 @@ def load_single_file(path: Path, dtype: torch.dtype) -> Pipeline:
         raise UserError(f"{path}: not a Stable Diffusion checkpoint (no {', '.join(missing)} weights)")
     text = parts["cond_stage_model."]
     if any(k.startswith("transformer.") for k in text):
-        family, scheduler, pad_id, side = "sd1", SD1_SCHEDULER, 49407, 512    # OpenAI CLIP pads with end-of-text
+        scheduler, pad_id, side = SD1_SCHEDULER, 49407, 512    # OpenAI CLIP pads with end-of-text
         text_config, text_sd = convert(clip_from_openai, text, path, "cond_stage_model.*")
     elif any(k.startswith("model.") for k in text):
-        family, scheduler, pad_id, side = "sd2", SD2_SCHEDULER, 0, 768        # OpenCLIP pads with 0 ("!")
+        scheduler, pad_id, side = SD2_SCHEDULER, 0, 768        # OpenCLIP pads with 0 ("!")
         text_config, text_sd = convert(clip_from_openclip, text, path, "cond_stage_model.*")
     else:
         raise UserError(f"{path}: unknown text encoder layout under cond_stage_model.* (neither SD 1.x nor 2.x)")
@@ -149,7 +149,7 @@ def load_single_file(path: Path, dtype: torch.dtype) -> Pipeline:
         unet=build(UNet, unet_config, unet_sd, path),
         vae=build(AutoencoderKL, vae_config, vae_sd, path),
         scheduler_config=dict(scheduler),
-        family=family, default_size=side, name=path.stem)
+        default_size=side, name=path.stem)
 
 
 def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
@@ -170,7 +170,6 @@ def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
         unet=build(UNet, unet_config, unet_sd, path / "unet"),
         vae=build(AutoencoderKL, vae_config, vae_sd, path / "vae"),
         scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
-        family="sd2" if text_config.hidden_act == "gelu" else "sd1",
         default_size=(unet_json.get("sample_size") or 64) * vae_config.downscale,   # an int: UNetConfig checks it
         name=path.name)
 

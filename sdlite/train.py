@@ -41,8 +41,9 @@ from .checkpoint import load
 from .clip import CLIPTextConfig, CLIPTextModel
 from .errors import UserError
 from .image import open_rgb
-from .pipeline import Pipeline, check_text
+from .pipeline import Pipeline
 from .progress import Progress
+from .request import check_text
 from .samplers.training_schedule import TrainingSchedule, alphas_cumprod
 from .tokenizer import Tokenizer
 from .unet import UNet, UNetConfig
@@ -342,7 +343,7 @@ def train_text_to_image(pipe: Pipeline, images: torch.Tensor, captions: list[str
 
     def sample(ema: TextToImage) -> Image.Image:  # each prompt in a column, two seeds
         sampling = Pipeline(pipe.tokenizer, ema.text_encoder, ema.unet, pipe.vae, pipe.scheduler_config,
-                            pipe.family, pipe.default_size, pipe.name)
+                            pipe.default_size, pipe.name)
         runs, images = [(seed, prompt) for seed in (0, 1) for prompt in prompts], []
         progress = Progress("samples", "image")
         for seed, prompt in runs:
@@ -401,7 +402,7 @@ def new_pipeline(vae: AutoencoderKL, size: int, seed: int, name: str) -> Pipelin
     unet_config = UNetConfig(**{**asdict(DEFAULT_UNET), "in_channels": vae.config.latent_channels,
                                 "out_channels": vae.config.latent_channels})
     return Pipeline(Tokenizer.from_vendored(), CLIPTextModel(DEFAULT_TEXT), UNet(unet_config), vae,
-                    dict(SD_SCHEDULE), family="sd1", default_size=size, name=name)
+                    dict(SD_SCHEDULE), default_size=size, name=name)
 
 
 # --- saving in the diffusers layout ---
