@@ -2,9 +2,10 @@
 Run: python benchmarks/tiling.py   (needs `pip install -e .[reference]`; about 6 minutes on 2 cores)
 
 Each system decodes one latent of a SIDE x SIDE image with SD 1.5's VAE (random weights, benchmarks/checkpoints.py)
-in fp32, untiled and with tiling on (sdlite: `tiling.tiled_decode(vae, z)` within `runtime.running(vae)`; diffusers: `pipe.vae.enable_tiling()`; both
-use 512-pixel tiles that start every 384 pixels), each run in a new process whose peak memory (VmHWM, benchmarks/memory.py) is taken
-after the decode. The tiled outputs of the two systems are compared too.
+in fp32, untiled and with tiling on (sdlite: `tiling.tiled_decode(vae, z)` within `runtime.running(vae)`; diffusers:
+`pipe.vae.enable_tiling()`; both use 512-pixel tiles that start every 384 pixels), each run in a new process whose
+peak memory (VmHWM, benchmarks/memory.py) is taken after the decode. The tiled outputs of the two systems are
+compared too.
 """
 import json
 import subprocess

@@ -7,6 +7,23 @@ Variational Bayes"). A mirrored decoder D maps a latent z back to pixels. Images
 L = len(block_out_channels) levels, an H x W image has latents of about H / 2^(L-1) x W / 2^(L-1): H/8 x W/8 in SD.
 The pipeline brings latents to roughly unit variance with `scale_latents` (and back with `unscale_latents`).
 
+SD 1.5 (a 512x512 image, 64x64 latents; each resnet in -> out channels):
+
+    encoder.conv_in          3 -> 128                                        512
+    encoder.down_blocks.0    128 -> 128, 128 -> 128                          512 -> 256
+    encoder.down_blocks.1    128 -> 256, 256 -> 256                          256 -> 128
+    encoder.down_blocks.2    256 -> 512, 512 -> 512                          128 -> 64
+    encoder.down_blocks.3    512 -> 512, 512 -> 512                          64
+    encoder.mid_block        512 -> 512, attention, 512 -> 512               64
+    encoder.conv_out         512 -> 8 (mean and log-variance), quant_conv 8 -> 8
+    post_quant_conv 4 -> 4, decoder.conv_in 4 -> 512                         64
+    decoder.mid_block        512 -> 512, attention, 512 -> 512               64
+    decoder.up_blocks.0      512 -> 512, 512 -> 512, 512 -> 512              64 -> 128
+    decoder.up_blocks.1      512 -> 512, 512 -> 512, 512 -> 512              128 -> 256
+    decoder.up_blocks.2      512 -> 256, 256 -> 256, 256 -> 256              256 -> 512
+    decoder.up_blocks.3      256 -> 128, 128 -> 128, 128 -> 128              512
+    decoder.conv_out         128 -> 3 (after GroupNorm and SiLU)
+
 Module names equal the keys of diffusers' AutoencoderKL state dict. `vae_from_ldm` renames the original
 CompVis single-file layout.
 """
@@ -144,7 +161,7 @@ class DiagonalGaussian:
         return self.mean
 
 
-class ResnetBlock(nn.Module):
+class VAEResnetBlock(nn.Module):
     """Residual block with pre-activation (He et al. 2016): x + conv(silu(norm(conv(silu(norm(x))))))."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int, act_fn: str):
@@ -182,7 +199,7 @@ class AttentionBlock(nn.Module):
         return x + self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
 
 
-class Downsample(nn.Module):
+class VAEDownsample(nn.Module):
     """Halves height and width with a stride-2 3x3 convolution. As in LDM, the input is padded on the right and the
     bottom only, so an input h high gives h // 2."""
 
@@ -194,7 +211,7 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class Upsample(nn.Module):
+class VAEUpsample(nn.Module):
     """Doubles height and width: nearest-neighbour upsampling, then a 3x3 convolution."""
 
     def __init__(self, channels: int):
@@ -207,37 +224,37 @@ class Upsample(nn.Module):
 
 def resnet_chain(in_channels: int, out_channels: int, layers: int, groups: int, act_fn: str) -> nn.Sequential:
     """`layers` resnets in a row, the first of which changes the width."""
-    return nn.Sequential(*(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
+    return nn.Sequential(*(VAEResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
                            for i in range(layers)))
 
 
-class DownBlock(nn.Sequential):
+class EncoderBlock(nn.Sequential):
     """One encoder level, run in order: resnets at one resolution, then a downsample (none at the last level)."""
 
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, act_fn: str, downsample: bool):
         super().__init__(OrderedDict(
             resnets=resnet_chain(in_channels, out_channels, layers, groups, act_fn),
-            downsamplers=nn.Sequential(Downsample(out_channels)) if downsample else nn.Sequential()))
+            downsamplers=nn.Sequential(VAEDownsample(out_channels)) if downsample else nn.Sequential()))
 
 
-class UpBlock(nn.Sequential):
+class DecoderBlock(nn.Sequential):
     """One decoder level, run in order: resnets at one resolution, then an upsample (none at the last level)."""
 
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, act_fn: str, upsample: bool):
         super().__init__(OrderedDict(
             resnets=resnet_chain(in_channels, out_channels, layers, groups, act_fn),
-            upsamplers=nn.Sequential(Upsample(out_channels)) if upsample else nn.Sequential()))
+            upsamplers=nn.Sequential(VAEUpsample(out_channels)) if upsample else nn.Sequential()))
 
 
-class MidBlock(nn.Module):
+class VAEMidBlock(nn.Module):
     """resnet, self-attention, resnet: at the lowest resolution, the only place where attention is used (unless the
     config says mid_block_add_attention false: then resnet, resnet)."""
 
     def __init__(self, config: VAEConfig, channels: int):
         super().__init__()
         groups, act_fn = config.norm_num_groups, config.act_fn
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups, act_fn),
-                                      ResnetBlock(channels, channels, groups, act_fn)])
+        self.resnets = nn.ModuleList([VAEResnetBlock(channels, channels, groups, act_fn),
+                                      VAEResnetBlock(channels, channels, groups, act_fn)])
         self.attentions = nn.ModuleList([AttentionBlock(channels, groups)] if config.mid_block_add_attention else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,9 +272,9 @@ class Encoder(nn.Module):
         widths, groups, act_fn = config.block_out_channels, config.norm_num_groups, config.act_fn
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            DownBlock(c_in, c_out, config.layers_per_block, groups, act_fn, downsample=i < len(widths) - 1)
+            EncoderBlock(c_in, c_out, config.layers_per_block, groups, act_fn, downsample=i < len(widths) - 1)
             for i, (c_in, c_out) in enumerate(zip(widths[:1] + widths[:-1], widths)))
-        self.mid_block = MidBlock(config, widths[-1])
+        self.mid_block = VAEMidBlock(config, widths[-1])
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
 
@@ -276,9 +293,9 @@ class Decoder(nn.Module):
         super().__init__()
         widths, groups, act_fn = config.block_out_channels[::-1], config.norm_num_groups, config.act_fn  # lowest first
         self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
-        self.mid_block = MidBlock(config, widths[0])
+        self.mid_block = VAEMidBlock(config, widths[0])
         self.up_blocks = nn.ModuleList(
-            UpBlock(c_in, c_out, config.layers_per_block + 1, groups, act_fn, upsample=i < len(widths) - 1)
+            DecoderBlock(c_in, c_out, config.layers_per_block + 1, groups, act_fn, upsample=i < len(widths) - 1)
             for i, (c_in, c_out) in enumerate(zip(widths[:1] + widths[:-1], widths)))
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], config.out_channels, 3, padding=1)
