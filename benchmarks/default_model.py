@@ -2,7 +2,7 @@
 
 For every held-out combination of colour, shape, size and position (scenes.split(): 32 of the 324, never in the
 training set) it generates images from the full caption at the command line's defaults (its DDIM scheduler, 50
-steps, guidance 7.5), and for comparison from 32 combinations that were trained on; sdlite.scenes.detect reads each
+steps, guidance 7.5), and for comparison from 32 combinations that were trained on; sdlite.train.scenes.detect reads each
 image back. Then it times `python -m sdlite txt2img "a red circle"` as a user runs it (a new process: start-up,
 loading and generation, PNG written). Writes benchmarks/DEFAULT_MODEL.md and prints the table.
 """
@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import sdlite  # noqa: E402
-from sdlite import scenes  # noqa: E402
+from sdlite.train import scenes  # noqa: E402
 
 MODEL = ROOT / "weights" / "default"
 SEEDS = (0, 1, 2, 3)
@@ -69,7 +69,7 @@ def main():
         "# The default model (weights/default)",
         "",
         "Written by `python benchmarks/default_model.py`. Images from the command line's defaults (DDIM, 50 steps, "
-        "guidance 7.5), 64 x 64, seeds " + ", ".join(map(str, SEEDS)) + " for each caption; `sdlite.scenes.detect` "
+        "guidance 7.5), 64 x 64, seeds " + ", ".join(map(str, SEEDS)) + " for each caption; `sdlite.train.scenes.detect` "
         "reads colour, shape, size and position back (it reads every rendered training scene exactly: "
         "tests/test_scenes.py). Held-out captions name combinations never trained on (`scenes.split()`). "
         "Position counts as right when both the row and the column (of a 3 x 3 grid) are.",

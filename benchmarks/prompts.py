@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
-from sdlite.clip import CLIPTextConfig as Config, CLIPTextModel as Model, with_text_model_prefix  # noqa: E402
+from sdlite.clip import CLIPTextConfig as Config, CLIPTextModel as Model  # noqa: E402
+from sdlite.formats.diffusers import with_text_model_prefix  # noqa: E402
 from sdlite.prompts import PromptEncoder  # noqa: E402
 from sdlite.tokenizer import Tokenizer  # noqa: E402
 from checkpoints import FAMILIES, randomise  # noqa: E402

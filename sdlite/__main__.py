@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, prompts, samplers, train
+from . import __version__, prompts, samplers
 from .checkpoint import load
 from .errors import UserError
-from .image import check_writable, save_png
+from .image import check_writable, open_rgb, save_png
 from .lora import find_lora
+from .preprocess import canny_image
 from .request import Request
 from .progress import Progress
 
@@ -37,6 +38,7 @@ if starting:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint")
 
 
 def default_model() -> Path:
@@ -51,8 +53,10 @@ def default_model() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; a mistake ends as one line on stderr and exit status 2, Ctrl-C as one line and 130."""
+    argv = sys.argv[1:] if argv is None else argv
+    training = not argv or argv[0] not in GENERATION_COMMANDS   # the command comes first (only -h, --version before)
     try:
-        args = parser().parse_args(argv)
+        args = parser(training).parse_args(argv)
         args.run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -80,7 +84,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(training: bool = True) -> argparse.ArgumentParser:
+    """The command line; `train` only if `training`: generating images never imports sdlite.train."""
     p = argparse.ArgumentParser(prog="sdlite", description="Stable Diffusion in plain PyTorch",
                                 formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"sdlite {__version__}")
@@ -104,7 +109,21 @@ def parser() -> argparse.ArgumentParser:
     inpaint.add_argument("--mask-blur", type=float, default=0.0, help="Gaussian blur radius of the mask, in pixels")
     inpaint.add_argument("--keep-unmasked", action="store_true",
                          help="paste the input back outside the mask, so those pixels stay exactly as they were")
-    train.add_command(commands, HelpFormatter)
+    if training:
+        from .train.cli import add_command
+        add_command(commands, HelpFormatter)
+    preprocess = commands.add_parser("preprocess", help="make a control image for a ControlNet",
+                                     formatter_class=HelpFormatter)
+    kinds = preprocess.add_subparsers(dest="kind", required=True, help="the kind of control image")
+    canny = kinds.add_parser("canny", help="Canny edges, as OpenCV's cv2.Canny(image, low, high)",
+                             formatter_class=HelpFormatter)
+    canny.set_defaults(run=make_control_image)
+    canny.add_argument("image", type=Path, help="the image to find the edges of")
+    canny.add_argument("--low", type=float, default=100.0, help="gradient magnitude (|dx| + |dy| of the 3x3 Sobel) "
+                                                               "above which a pixel joins an edge that is found")
+    canny.add_argument("--high", type=float, default=200.0, help="gradient magnitude above which an edge starts")
+    canny.add_argument("--out", type=Path, help="output PNG (default: IMAGE-canny.png, IMAGE the input's name)")
+    canny.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p
 
 
@@ -205,6 +224,17 @@ def generate(args: argparse.Namespace) -> None:
         raise
     for path in written:
         print(path)
+
+
+def make_control_image(args: argparse.Namespace) -> None:
+    """preprocess canny: the edges of an image, written as a greyscale PNG."""
+    out = args.out or Path(f"{args.image.stem}-canny.png")
+    check_outputs(out, 1, args.overwrite)
+    if not args.image.is_file():
+        raise UserError(f"{args.image}: {'not a regular file' if args.image.exists() else 'no such file'}")
+    edges = canny_image(open_rgb(args.image), args.low, args.high)
+    save_png(edges, out, overwrite=args.overwrite)
+    print(out)
 
 
 def lora_flag(text: str) -> tuple[Path, float]:

@@ -1,42 +1,34 @@
-"""Open a Stable Diffusion checkpoint in either official layout and build sdlite's modules from it.
+"""Open a Stable Diffusion checkpoint in either official layout, tell its family, and build sdlite's modules from it.
 
-  single file   v1-5-pruned-emaonly.safetensors
-                  model.diffusion_model.*  UNet            (unet.unet_from_ldm maps the keys)
-                  first_stage_model.*      VAE             (vae.vae_from_ldm)
-                  cond_stage_model.*       text encoder:   transformer.* = OpenAI CLIP (SD 1.x, clip.clip_from_openai)
-                                                           model.*       = OpenCLIP    (SD 2.x, clip.clip_from_openclip)
-                Nothing in the file says which scheduler or image size it was trained for: the family's convention
-                decides (SD 2.x single files are v-prediction unless the caller says otherwise, as in the reference).
-  folder        model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/ (the diffusers layout): every
-                config is read from its config.json and the weights need no key mapping, since sdlite's module
-                attribute names are the diffusers names.
+  single file   v1-5-pruned-emaonly.safetensors: model.diffusion_model.* (UNet), first_stage_model.* (VAE),
+                cond_stage_model.* (text encoder: OpenAI CLIP in SD 1.x, OpenCLIP in SD 2.x); formats/ldm.py maps
+                each part to sdlite's config and state dict. Nothing in the file says which scheduler or image size
+                it was trained for: its family's record (formats/families.py) decides, the family told from the text
+                encoder's layout and the UNet's input channels (SD 2.x single files are v-prediction unless the
+                caller says otherwise, as in the reference).
+  folder        model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/ (the diffusers layout,
+                formats/diffusers.py): every config is read from its config.json and the weights need no key mapping,
+                since sdlite's module attribute names are the diffusers names.
 """
-import json
 import os
 from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .clip import CLIPTextConfig, CLIPTextModel, clip_from_openai, clip_from_openclip, with_text_model_prefix
-from .errors import UserError
+from .clip import CLIPTextConfig, CLIPTextModel
+from .errors import MALFORMED, UserError
+from .formats import ldm
+from .formats.diffusers import image_size, read_config, read_json, read_tokenizer, weights_file, with_text_model_prefix
+from .formats.families import single_file_family
 from .pipeline import Pipeline
 from .tokenizer import Tokenizer
-from .unet import UNet, UNetConfig, unet_from_ldm
-from .vae import AutoencoderKL, VAEConfig, vae_from_ldm
-from .weights import read_safetensors
+from .unet import UNet, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+from .weights import PICKLE_SUFFIXES, read_file, read_safetensors
 
-# The training schedules of the official releases, as their diffusers folders state them (scheduler_config.json of
-# stable-diffusion-v1-5 and stable-diffusion-2-1), used for single files, which carry no scheduler config.
-SD1_SCHEDULER = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
-                 "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None, "steps_offset": 1,
-                 "skip_prk_steps": True, "set_alpha_to_one": False, "clip_sample": False}
-SD2_SCHEDULER = {**SD1_SCHEDULER, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Names with these endings are files: a missing one is a mistyped path, never a Hub id.
 FILE_SUFFIXES = (".safetensors", ".sft", ".gguf", ".json", ".yaml", ".onnx", *PICKLE_SUFFIXES)
-# What a conversion or a config constructor raises on keys, shapes or values it cannot make sense of.
-MALFORMED = (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError)
 
 
 def load(model: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -106,18 +98,18 @@ def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     checkpoint cannot run code (Pipeline.to casts it)."""
     if path.suffix in PICKLE_SUFFIXES:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            weights = read_file(path)
         except Exception as e:
             raise UserError(f"{path}: not a loadable weights-only checkpoint ({str(e).splitlines()[0]}); "
                             "convert it to .safetensors") from None
-        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-        if not isinstance(sd, dict):
-            raise UserError(f"{path}: holds {type(sd).__name__} data where a state_dict (named tensors) belongs: "
+        weights = weights.get("state_dict", weights) if isinstance(weights, dict) else weights
+        if not isinstance(weights, dict):
+            raise UserError(f"{path}: holds {type(weights).__name__} data where a state_dict (named tensors) belongs: "
                             "not a model checkpoint")
-        wrong = [k for k, v in sd.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))][:1]
+        wrong = [k for k, v in weights.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))][:1]
         if wrong:
             raise UserError(f"{path}: entry {str(wrong[0])[:80]!r} is not a named tensor: not a model checkpoint")
-        return sd
+        return weights
     try:
         return read_safetensors(path, dtype)
     except OSError as e:
@@ -125,31 +117,26 @@ def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def load_single_file(path: Path, dtype: torch.dtype) -> Pipeline:
-    sd = read_state_dict(path, dtype)
-    parts = {prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-             for prefix in ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")}
-    missing = [prefix + "*" for prefix, part in parts.items() if not part]
+    parts = ldm.split(read_state_dict(path, dtype))
+    missing = [ldm.PREFIXES[name] + "*" for name, part in parts.items() if not part]
     if missing:
         raise UserError(f"{path}: not a Stable Diffusion checkpoint (no {', '.join(missing)} weights)")
-    text = parts["cond_stage_model."]
-    if any(k.startswith("transformer.") for k in text):
-        scheduler, pad_id, side = SD1_SCHEDULER, 49407, 512    # OpenAI CLIP pads with end-of-text
-        text_config, text_sd = convert(clip_from_openai, text, path, "cond_stage_model.*")
-    elif any(k.startswith("model.") for k in text):
-        scheduler, pad_id, side = SD2_SCHEDULER, 0, 768        # OpenCLIP pads with 0 ("!")
-        text_config, text_sd = convert(clip_from_openclip, text, path, "cond_stage_model.*")
-    else:
+    layout = ldm.text_layout(parts["text_encoder"])
+    if layout is None:
         raise UserError(f"{path}: unknown text encoder layout under cond_stage_model.* (neither SD 1.x nor 2.x)")
-    unet_config, unet_sd = convert(unet_from_ldm, parts["model.diffusion_model."], path, "model.diffusion_model.*")
-    vae_config, vae_sd = convert(vae_from_ldm, parts["first_stage_model."], path, "first_stage_model.*")
-    vae_config.sample_size = side   # as the family's diffusers vae/config.json says (the tile side when tiling)
+    text_from_ldm = ldm.clip_from_openai if layout == "openai" else ldm.clip_from_openclip
+    text_config, text_weights = convert(text_from_ldm, parts["text_encoder"], path, "cond_stage_model.*")
+    unet_config, unet_weights = convert(ldm.unet_from_ldm, parts["unet"], path, "model.diffusion_model.*")
+    vae_config, vae_weights = convert(ldm.vae_from_ldm, parts["vae"], path, "first_stage_model.*")
+    family = single_file_family(layout, unet_config.in_channels)
+    vae_config.sample_size = family.image_size   # as the family's vae/config.json says (the tile side when tiling)
     return Pipeline(
-        tokenizer=Tokenizer.from_vendored(pad_id),
-        text_encoder=build(CLIPTextModel, text_config, text_sd, path),
-        unet=build(UNet, unet_config, unet_sd, path),
-        vae=build(AutoencoderKL, vae_config, vae_sd, path),
-        scheduler_config=dict(scheduler),
-        default_size=side, name=path.stem)
+        tokenizer=Tokenizer.from_vendored(family.pad_id),
+        text_encoder=build(CLIPTextModel, text_config, text_weights, path),
+        unet=build(UNet, unet_config, unet_weights, path),
+        vae=build(AutoencoderKL, vae_config, vae_weights, path),
+        scheduler_config=family.scheduler_config(),
+        default_size=family.image_size, name=path.stem)
 
 
 def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
@@ -161,57 +148,17 @@ def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
     vae_config = read_config(VAEConfig, read_json(path / "vae" / "config.json"), path / "vae" / "config.json")
     text_config = read_config(CLIPTextConfig, read_json(path / "text_encoder" / "config.json"),
                               path / "text_encoder" / "config.json")
-    text_sd = with_text_model_prefix(read_state_dict(weights_file(path / "text_encoder", "model"), dtype))
-    unet_sd = read_state_dict(weights_file(path / "unet", "diffusion_pytorch_model"), dtype)
-    vae_sd = read_state_dict(weights_file(path / "vae", "diffusion_pytorch_model"), dtype)
+    text_weights = with_text_model_prefix(read_state_dict(weights_file(path / "text_encoder", "model"), dtype))
+    unet_weights = read_state_dict(weights_file(path / "unet", "diffusion_pytorch_model"), dtype)
+    vae_weights = read_state_dict(weights_file(path / "vae", "diffusion_pytorch_model"), dtype)
     return Pipeline(
         tokenizer=read_tokenizer(path / "tokenizer"),
-        text_encoder=build(CLIPTextModel, text_config, text_sd, path / "text_encoder"),
-        unet=build(UNet, unet_config, unet_sd, path / "unet"),
-        vae=build(AutoencoderKL, vae_config, vae_sd, path / "vae"),
+        text_encoder=build(CLIPTextModel, text_config, text_weights, path / "text_encoder"),
+        unet=build(UNet, unet_config, unet_weights, path / "unet"),
+        vae=build(AutoencoderKL, vae_config, vae_weights, path / "vae"),
         scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
-        default_size=(unet_json.get("sample_size") or 64) * vae_config.downscale,   # an int: UNetConfig checks it
+        default_size=image_size(unet_json, vae_config.downscale),
         name=path.name)
-
-
-def read_json(path: Path) -> dict:
-    """A config file's JSON object."""
-    if path.exists() and not path.is_file():   # a folder, or a pipe that would block the read
-        raise UserError(f"{path}: not a regular file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing: the diffusers folder is incomplete") from None
-    except (ValueError, RecursionError) as e:   # invalid UTF-8 or JSON
-        raise UserError(f"{path}: not valid JSON ({str(e)[:120]})") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: holds a JSON {type(data).__name__}, not an object of settings")
-    return data
-
-
-def read_config(config_class, data: dict, path: Path):
-    """config_class.from_json(data), a value of the wrong type or range refused naming the file."""
-    try:
-        return config_class.from_json(data, path)
-    except UserError:
-        raise
-    except MALFORMED as e:
-        raise UserError(f"{path}: a missing key or a value of the wrong type ({type(e).__name__}: "
-                        f"{str(e)[:120]})") from None
-
-
-def read_tokenizer(folder: Path) -> Tokenizer:
-    if not folder.is_dir():
-        raise UserError(f"{folder} is missing: the diffusers folder is incomplete")
-    try:
-        return Tokenizer.from_folder(folder)
-    except UserError:
-        raise
-    except (Exception, RecursionError) as e:   # the tokenizers library raises plain Exception on a corrupt file
-        raise UserError(f"{folder}: not a readable CLIP tokenizer ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
 
 
 def convert(conversion, state_dict: dict[str, torch.Tensor], path: Path, prefix: str):
@@ -221,14 +168,6 @@ def convert(conversion, state_dict: dict[str, torch.Tensor], path: Path, prefix:
     except MALFORMED as e:
         raise UserError(f"{path}: the {prefix} weights do not form the expected network ({type(e).__name__}: "
                         f"{str(e)[:120]})") from None
-
-
-def weights_file(folder: Path, stem: str) -> Path:
-    """The component's weights: full precision if present, else the `.fp16` variant, else a pickled .bin."""
-    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
-        if (folder / name).is_file():
-            return folder / name
-    raise UserError(f"{folder}: no weights ({stem}.safetensors or {stem}.fp16.safetensors)")
 
 
 class SkipNormalInit(TorchFunctionMode):

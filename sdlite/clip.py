@@ -8,8 +8,8 @@ one). One class, two configs:
           final LayerNorm), so its config has 23 layers and the last one is never loaded.
 
 Attribute names equal the keys of transformers' CLIPTextModel as diffusers folders store them (`text_model.` ...),
-so a folder's text_encoder/ loads through `with_text_model_prefix` alone; the single files' two layouts map through
-`clip_from_openai` and `clip_from_openclip`.
+so a folder's text_encoder/ loads as it is; formats/ldm.py maps the single files' two layouts (OpenAI CLIP's and
+OpenCLIP's).
 """
 import math
 from dataclasses import dataclass
@@ -158,66 +158,3 @@ class CLIPTextModel(nn.Module):
         end = ids.argmax(-1) if self.config.eos_token_id == 2 else (ids == self.config.eos_token_id).int().argmax(-1)
         return self.text_projection(last_hidden_state[torch.arange(len(ids)), end])
 
-
-def with_text_model_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers CLIPTextModel state dict in sdlite's names. transformers before 5.x saved its keys under
-    `text_model.`, 5.x saves them without; older files also hold `text_model.embeddings.position_ids`, the constant
-    0..76 that sdlite does not store (forward takes the first L position embeddings), so it is dropped.
-    CLIPTextModelWithProjection's text_projection sits beside text_model in both."""
-    return {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
-            for k, v in sd.items() if not k.endswith("embeddings.position_ids")}
-
-
-def config_from_shapes(sd: dict[str, torch.Tensor], hidden_act: str) -> CLIPTextConfig:
-    """The config of a state dict in sdlite's names; heads are 64 wide in both CLIP text towers SD uses."""
-    vocab_size, hidden_size = sd["text_model.embeddings.token_embedding.weight"].shape
-    layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers."))
-    return CLIPTextConfig(
-        hidden_size=hidden_size,
-        intermediate_size=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=layers,
-        num_attention_heads=hidden_size // 64,
-        hidden_act=hidden_act,
-        vocab_size=vocab_size,
-        max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0])
-
-
-def clip_from_openai(sd: dict[str, torch.Tensor]) -> tuple[CLIPTextConfig, dict[str, torch.Tensor]]:
-    """SD 1.x single file, `cond_stage_model.` removed: `transformer.text_model.*`. The original code wrapped
-    transformers' CLIPTextModel, so past `transformer.` the keys are already sdlite's (but for position_ids)."""
-    sd = with_text_model_prefix({k.removeprefix("transformer."): v for k, v in sd.items()})
-    return config_from_shapes(sd, "quick_gelu"), sd
-
-
-OPENCLIP_NAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-                  "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-
-
-def clip_from_openclip(sd: dict[str, torch.Tensor]) -> tuple[CLIPTextConfig, dict[str, torch.Tensor]]:
-    """SD 2.x single file, `cond_stage_model.` removed: OpenCLIP's names under `model.`. SD 2.x uses the output of
-    the penultimate block, so the last resblock is dropped; ln_final is still applied after it. text_projection and
-    logit_scale (CLIP's contrastive head) are unused. The fused attention input projection holds q, k and v stacked
-    along its output dimension."""
-    blocks = "model.transformer.resblocks."
-    last = max(int(k[len(blocks):].split(".")[0]) for k in sd if k.startswith(blocks))
-    out = {
-        "text_model.embeddings.token_embedding.weight": sd["model.token_embedding.weight"],
-        "text_model.embeddings.position_embedding.weight": sd["model.positional_embedding"],
-        "text_model.final_layer_norm.weight": sd["model.ln_final.weight"],
-        "text_model.final_layer_norm.bias": sd["model.ln_final.bias"],
-    }
-    for key, value in sd.items():
-        if not key.startswith(blocks):
-            continue
-        n, name = key[len(blocks):].split(".", 1)  # "3", "attn.in_proj_weight"
-        if int(n) == last:
-            continue
-        layer = f"text_model.encoder.layers.{n}."
-        if name.startswith("attn.in_proj_"):
-            kind = name.removeprefix("attn.in_proj_")  # weight or bias
-            for proj, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3)):
-                out[f"{layer}self_attn.{proj}.{kind}"] = part
-        else:
-            module, kind = name.rsplit(".", 1)
-            out[layer + OPENCLIP_NAMES[module] + "." + kind] = value
-    return config_from_shapes(out, "gelu"), out

@@ -24,9 +24,8 @@ from torch import nn
 from .clip import CLIPTextModel
 from .errors import UserError
 from .tokenizer import Tokenizer
-from .weights import read_safetensors
+from .weights import read_file
 
-PICKLE_SUFFIXES = (".pt", ".bin", ".pth", ".ckpt")
 
 
 def read_embedding(path: Path) -> tuple[str | None, torch.Tensor]:
@@ -34,10 +33,7 @@ def read_embedding(path: Path) -> tuple[str | None, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"embedding not found: {path}")
     try:
-        if path.suffix in PICKLE_SUFFIXES:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            sd = read_safetensors(path, torch.float32)
+        sd = read_file(path)
     except Exception as e:  # a pickle with code in it, a truncated file: all the user can act on is the message
         raise UserError(f"{path}: not a readable embedding file ({str(e).splitlines()[0]})") from None
     if not isinstance(sd, dict):

@@ -213,10 +213,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB image -> (1, 3, H, W) float32 in [-1, 1], as the VAE takes it."""
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)       # (H, W, 3) in [0, 1]
-    return (pixels.permute(2, 0, 1)[None] * 2 - 1).contiguous()
+def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """RGB image -> (1, 3, H, W) float32 in [-1, 1], as the VAE takes it; a uint8 (N, H, W, 3) batch -> (N, 3, H, W)."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)       # (H, W, 3) or (N, H, W, 3) in [0, 1]
+    return (pixels.reshape(-1, *pixels.shape[-3:]).permute(0, 3, 1, 2) * 2 - 1).contiguous()
+
+
+def to_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """(N, 3, H, W) in [-1, 1], as the VAE decodes them -> uint8 RGB images, rounded as the reference rounds them."""
+    pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return [Image.fromarray(array) for array in (pixels * 255).round().astype(np.uint8)]
 
 
 def paste_unmasked(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:

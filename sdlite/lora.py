@@ -31,11 +31,10 @@ from safetensors import safe_open
 from torch import nn
 
 from .errors import UserError
-from .weights import read_safetensors
+from .weights import PICKLE_SUFFIXES, read_file
 
 KINDS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",     # kohya / A1111
          ".lora_A.weight": "down", ".lora_B.weight": "up"}                             # diffusers / PEFT
-PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin")
 # <lora:NAME>, <lora:NAME:WEIGHT> (and <lyco:...>, which A1111 reads as <lora:...>)
 LORA_TAG = re.compile(r"<(?:lora|lyco):([^>]+)>")
 
@@ -64,10 +63,7 @@ def read_lora(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     if not path.is_file():
         raise UserError(f"LoRA not found: {path}")
     try:
-        if path.suffix in PICKLE_SUFFIXES:   # weights-only: tensors and plain containers, never code
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            sd = read_safetensors(path, torch.float32)
+        sd = read_file(path)   # a pickle through the weights-only loader: tensors and plain containers, never code
     except Exception as e:
         raise UserError(f"{path}: not a readable LoRA file ({str(e).splitlines()[0]})") from None
     if not isinstance(sd, dict):

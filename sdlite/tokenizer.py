@@ -19,9 +19,9 @@ from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
 
 from .errors import UserError
+from .formats.families import SD1
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-SD1_PAD_ID, SD2_PAD_ID = 49407, 0  # "<|endoftext|>" and "!"
 MAX_LENGTH = 77
 VENDORED_BPE = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
 WORD_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -109,8 +109,8 @@ class Tokenizer:
         self.expansions: dict[int, list[int]] = {}  # a multi-vector embedding's token -> its tokens (embeddings.py)
 
     @classmethod
-    def from_vendored(cls, pad_id: int = SD1_PAD_ID) -> "Tokenizer":
-        """pad_id: SD1_PAD_ID (49407, "<|endoftext|>") for SD 1.x, SD2_PAD_ID (0, "!") for SD 2.x."""
+    def from_vendored(cls, pad_id: int = SD1.pad_id) -> "Tokenizer":
+        """pad_id: the family's (formats/families.py): 49407 ("<|endoftext|>") for SD 1.x, 0 ("!") for SD 2.x."""
         vocab, merges = vendored_vocab()
         pad_token = next(token for token, i in vocab.items() if i == pad_id)
         return cls(clip_backend(vocab, merges), {**SD_SPECIAL_TOKENS, "pad_token": pad_token})

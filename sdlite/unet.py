@@ -29,7 +29,7 @@ block's resnet reads the block's input or the previous resnet's output + a skip)
 SD 2.x has the same widths (heads of 64 channels, linear projections, a 1024-wide text context).
 
 Attribute names are diffusers' state-dict keys (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight`),
-so a diffusers unet/ folder loads as it is; `unet_from_ldm` renames the original single-file keys.
+so a diffusers unet/ folder loads as it is; formats/ldm.py renames the original single-file keys.
 """
 import math
 from dataclasses import dataclass
@@ -486,9 +486,12 @@ class UNet(nn.Module):
         k = config.conv_out_kernel
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, k, padding=(k - 1) // 2)
 
-    def forward(self, x: torch.Tensor, t: float | int | torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: float | int | torch.Tensor, context: torch.Tensor,
+                down_residuals: list[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """x (B, in, h, w), t a number or a 0-d or (B,) tensor, context (B, 77, cross_attention_dim)
-        -> (B, out, h, w)."""
+        -> (B, out, h, w). A ControlNet's outputs (controlnet.py) are added to the skips (`down_residuals`, one per
+        skip) and to the mid block's output (`mid_residual`)."""
         c = self.config
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         t_emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift).to(x.dtype)
@@ -501,77 +504,13 @@ class UNet(nn.Module):
         for block in self.down_blocks:
             x, block_skips = block(x, emb, context)
             skips += block_skips
+        if down_residuals is not None:
+            skips = [skip + residual for skip, residual in zip(skips, down_residuals, strict=True)]
         if self.mid_block is not None:
             x = self.mid_block(x, emb, context)
+        if mid_residual is not None:
+            x = x + mid_residual
         for block in self.up_blocks:
             x = block(x, skips, emb, context)
         return self.conv_out(ACTIVATIONS[c.act_fn](self.conv_norm_out(x)))
 
-
-# ---- the original single-file layout (CompVis/Stability "model.diffusion_model.*") ----
-
-# leaf modules the original names differently: the top-level ones, then those inside a resnet or downsampler
-LDM_NAMES = {
-    "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-    "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
-    "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-    "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut", "op": "conv",
-}
-
-
-def ldm_to_diffusers_key(key: str, layers_per_block: int) -> str:
-    """`output_blocks.4.1.proj_in.weight` -> `up_blocks.1.attentions.1.proj_in.weight` (for 2 layers per block).
-
-    The original numbers the blocks of each half consecutively: input_blocks.0 is conv_in, then each level has
-    layers_per_block blocks [resnet, transformer] and one [downsampler]; output_blocks has layers_per_block + 1
-    blocks per level [resnet, transformer, upsampler], the upsampler in the last. middle_block is resnet,
-    transformer, resnet. A transformer's inner names are diffusers' already.
-    """
-    path, param = key.rsplit(".", 1)
-    if path in LDM_NAMES:
-        return f"{LDM_NAMES[path]}.{param}"
-    half, index, *inner = path.split(".")
-    index = int(index)
-    if half == "middle_block":
-        block = "mid_block.attentions.0" if index == 1 else f"mid_block.resnets.{index // 2}"
-    else:
-        position, *inner = inner
-        if half == "input_blocks":
-            level, i = divmod(index - 1, layers_per_block + 1)
-            side, resampler = "down_blocks", "downsamplers"
-        else:
-            level, i = divmod(index, layers_per_block + 1)
-            side, resampler = "up_blocks", "upsamplers"
-        if inner in (["op"], ["conv"]):
-            block = f"{side}.{level}.{resampler}.0"
-        else:
-            block = f"{side}.{level}.{['resnets', 'attentions'][int(position)]}.{i}"
-    inner = ".".join(inner)
-    return f"{block}.{LDM_NAMES.get(inner, inner)}.{param}"
-
-
-def unet_from_ldm(sd: dict[str, torch.Tensor]) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
-    """Config and diffusers-named weights of an original single-file UNet (keys without `model.diffusion_model.`),
-    the architecture read off the tensor shapes (the idea of ComfyUI's model_detection)."""
-    levels = 1 + sum(k.endswith(".op.weight") for k in sd)               # a downsampler on all levels but the last
-    n_input = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
-    layers = n_input // levels - 1                                       # n_input = 1 + levels * layers + levels - 1
-    first = [1 + level * (layers + 1) for level in range(levels)]       # each level's first input block
-    channels = tuple(sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] for i in first)
-    mid = "middle_block.1."
-    sd2 = sd[mid + "proj_in.weight"].ndim == 2   # SD 2.x: Linear projections, 64-dim heads, upcast attention
-    config = UNetConfig(
-        in_channels=sd["input_blocks.0.0.weight"].shape[1],
-        out_channels=sd["out.2.weight"].shape[0],
-        block_out_channels=channels,
-        layers_per_block=layers,
-        attention_levels=tuple(f"input_blocks.{i}.1.proj_in.weight" in sd for i in first),
-        up_attention_levels=tuple(f"output_blocks.{(levels - 1 - level) * (layers + 1)}.1.proj_in.weight" in sd
-                                  for level in range(levels)),
-        heads=tuple(c // 64 for c in channels) if sd2 else (8,) * levels,
-        transformer_depth=len({k.split(".")[3] for k in sd if k.startswith(mid + "transformer_blocks.")}),
-        cross_attention_dim=sd[mid + "transformer_blocks.0.attn2.to_k.weight"].shape[1],
-        use_linear_projection=sd2,
-        upcast_attention=sd2,
-    )
-    return config, {ldm_to_diffusers_key(k, layers): v for k, v in sd.items()}

@@ -24,10 +24,9 @@ SD 1.5 (a 512x512 image, 64x64 latents; each resnet in -> out channels):
     decoder.up_blocks.3      256 -> 128, 128 -> 128, 128 -> 128              512
     decoder.conv_out         128 -> 3 (after GroupNorm and SiLU)
 
-Module names equal the keys of diffusers' AutoencoderKL state dict. `vae_from_ldm` renames the original
+Module names equal the keys of diffusers' AutoencoderKL state dict. formats/ldm.py renames the original
 CompVis single-file layout.
 """
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -359,43 +358,3 @@ class AutoencoderKL(nn.Module):
         """The posterior's mean and log-variance stacked: (B, 2 * latent_channels, h, w)."""
         return self.quant_conv(self.encoder(x))
 
-
-# Components of LDM key names that diffusers calls differently. The other components are the same in both.
-_LDM_TO_DIFFUSERS = {
-    "down": "down_blocks", "up": "up_blocks", "block": "resnets", "nin_shortcut": "conv_shortcut",
-    "downsample": "downsamplers.0", "upsample": "upsamplers.0", "norm_out": "conv_norm_out",
-    "mid": "mid_block", "block_1": "resnets.0", "attn_1": "attentions.0", "block_2": "resnets.1",
-    "norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0",  # inside attn_1
-}
-
-
-def vae_from_ldm(sd: dict[str, torch.Tensor]) -> tuple[VAEConfig, dict[str, torch.Tensor]]:
-    """The config and the diffusers-named state dict for VAE weights in the original single-file (LDM) layout.
-
-    `sd` has its `first_stage_model.` prefix already removed. Keys outside the autoencoder, such as the training
-    loss's `loss.*`, are dropped. The config comes from the weight shapes. LDM always uses 32 GroupNorm groups and
-    keeps the scaling factor in its yaml, so those two keep their SD defaults.
-    """
-    def count(pattern: str) -> int:
-        return sum(re.fullmatch(pattern, key) is not None for key in sd)
-
-    levels = count(r"encoder\.down\.\d+\.block\.0\.conv1\.weight")
-    config = VAEConfig(
-        in_channels=sd["encoder.conv_in.weight"].shape[1],
-        out_channels=sd["decoder.conv_out.weight"].shape[0],
-        latent_channels=sd["post_quant_conv.weight"].shape[0],
-        block_out_channels=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)),
-        layers_per_block=count(r"encoder\.down\.0\.block\.\d+\.conv1\.weight"),
-    )
-    state_dict = {}
-    for key, value in sd.items():
-        parts = key.split(".")
-        if parts[0] not in ("encoder", "decoder", "quant_conv", "post_quant_conv"):
-            continue
-        if parts[:2] == ["decoder", "up"]:  # LDM numbers the decoder's levels from the image end, diffusers from z
-            parts[2] = str(levels - 1 - int(parts[2]))
-        name = ".".join(_LDM_TO_DIFFUSERS.get(part, part) for part in parts)
-        if ".attentions." in name and value.ndim == 4:  # LDM's q, k, v and proj_out are 1x1 convolutions
-            value = value[:, :, 0, 0]
-        state_dict[name] = value
-    return config, state_dict

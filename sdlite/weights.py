@@ -11,6 +11,7 @@ import json
 import math
 import mmap
 import os
+import warnings
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,20 @@ MAPPINGS: "weakref.WeakValueDictionary[int, mmap.mmap]" = weakref.WeakValueDicti
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                       "BOOL": torch.bool}
+
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def read_file(path: Path, dtype: torch.dtype = torch.float32):
+    """A weights file as stored: safetensors (read_safetensors), or a pickle opened only by torch's weights-only
+    loader, which refuses anything but tensors and plain containers, so a file cannot run code. Raises whatever the
+    reader raises; the callers say which kind of file they wanted."""
+    if Path(path).suffix not in PICKLE_SUFFIXES:
+        return read_safetensors(path, dtype)
+    with warnings.catch_warnings():   # torch warns about pickle protocols: the callers' one line says what matters
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from sdlite import UserError
-from sdlite.clip import (CLIP_IMPLEMENTED, CLIP_NO_EFFECT, CLIP_REFUSED, CLIPTextConfig, CLIPTextModel,
-                         clip_from_openai, clip_from_openclip, with_text_model_prefix)
+from sdlite.clip import CLIP_IMPLEMENTED, CLIP_NO_EFFECT, CLIP_REFUSED, CLIPTextConfig, CLIPTextModel
+from sdlite.formats.diffusers import with_text_model_prefix
+from sdlite.formats.ldm import clip_from_openai, clip_from_openclip
 from tolerances import float_rounding_tolerance
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -5,7 +5,7 @@ import random
 import numpy as np
 from PIL import Image
 
-from sdlite import scenes
+from sdlite.train import scenes
 
 
 def test_detector_reads_back_every_scene():

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sdlite import UserError
-from sdlite.tokenizer import SD1_PAD_ID, SD2_PAD_ID, Tokenizer
+from sdlite.formats.families import SD1, SD2
+from sdlite.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = json.loads((FIXTURES / "tokenizer_ids.json").read_text(encoding="utf-8"))
@@ -27,7 +28,7 @@ def test_known_ids():
 
 # The vendored tokenizer follows the SD Hub folders (the _legacy ones); sd1/ and sd2/, written by transformers 5,
 # differ from them only where an upper-case "<|STARTOFTEXT|>" in a prompt is or is not taken as the special token.
-@pytest.mark.parametrize("pad_id, name", [(SD1_PAD_ID, "sd1_legacy"), (SD2_PAD_ID, "sd2_legacy")])
+@pytest.mark.parametrize("pad_id, name", [(SD1.pad_id, "sd1_legacy"), (SD2.pad_id, "sd2_legacy")])
 def test_vendored_matches_reference(pad_id, name):
     assert torch.equal(Tokenizer.from_vendored(pad_id)(PROMPTS), reference(name))
 
@@ -35,12 +36,12 @@ def test_vendored_matches_reference(pad_id, name):
 @pytest.mark.parametrize("name", ["sd1", "sd2", "sd1_legacy", "sd2_legacy"])
 def test_folder_matches_reference(folders, name):
     tokenizer = Tokenizer.from_folder(folders / name)
-    assert tokenizer.pad_id == (SD2_PAD_ID if name.startswith("sd2") else SD1_PAD_ID)
+    assert tokenizer.pad_id == (SD2.pad_id if name.startswith("sd2") else SD1.pad_id)
     assert torch.equal(tokenizer(PROMPTS), reference(name))
 
 
 def test_truncation_and_padding():
-    tokenizer = Tokenizer.from_vendored(SD2_PAD_ID)
+    tokenizer = Tokenizer.from_vendored(SD2.pad_id)
     ids = tokenizer(["a " * 100, "a", ""])
     assert ids.shape == (3, 77)
     assert ids[0, 0] == 49406 and (ids[0, 1:76] == 320).all() and ids[0, 76] == 49407

@@ -1,8 +1,10 @@
 """Training: the losses fall, a resumed run is the run that was not interrupted, a trained model saves to a diffusers
-folder that the ordinary loader reads, fine-tuning works from the command line, and the shipped default model follows
-its prompts."""
+folder that the ordinary loader reads, fine-tuning works from the command line, the shipped default model follows
+its prompts, and generating images never imports the training package."""
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,13 @@ import torch
 from PIL import Image
 
 import sdlite
-from sdlite import scenes, train
 from sdlite.clip import CLIPTextConfig, CLIPTextModel
+from sdlite.formats.diffusers import save_folder
+from sdlite.formats.families import PIXEL_DDPM, SDLITE_TINY
+from sdlite.image import to_images, to_tensor
+from sdlite.samplers.training_schedule import alphas_cumprod
 from sdlite.tokenizer import Tokenizer
+from sdlite.train import cli, data, loop, objectives, scenes, stages
 from sdlite.unet import UNet, UNetConfig
 from sdlite.vae import AutoencoderKL, VAEConfig
 
@@ -27,21 +33,32 @@ TINY_UNET = UNetConfig(block_out_channels=(32, 64), layers_per_block=1, attentio
 def tiny_pipeline(size: int = 16) -> sdlite.Pipeline:
     torch.manual_seed(0)
     return sdlite.Pipeline(Tokenizer.from_vendored(), CLIPTextModel(TINY_TEXT), UNet(TINY_UNET),
-                           AutoencoderKL(TINY_VAE), dict(train.SD_SCHEDULE), default_size=size,
+                           AutoencoderKL(TINY_VAE), SDLITE_TINY.scheduler_config(), default_size=size,
                            name="tiny")
 
 
-def quiet(**changes) -> train.TrainConfig:
-    return train.TrainConfig(**{"log_every": 10**6, "sample_every": 0, "save_every": 10**6, **changes})
+def quiet(**changes) -> loop.TrainConfig:
+    return loop.TrainConfig(**{"log_every": 10**6, "sample_every": 0, "save_every": 10**6, **changes})
 
 
 def scene_images(n: int, size: int) -> tuple[torch.Tensor, list[str]]:
     images, captions = scenes.dataset(n, scenes.all_scenes(), size=size, seed=0)
-    return train.to_tensor(images), captions
+    return to_tensor(images), captions
+
+
+def test_a_batch_of_images_goes_to_tensors_and_back_unchanged():
+    """The training data's pixels in [-1, 1] (image.to_tensor on a batch), and sample grids' images made of them
+    (image.to_images): 0..255 -> v / 127.5 - 1 -> back to the same byte, for every level and a non-square batch."""
+    levels = np.arange(256, dtype=np.uint8)
+    images = np.stack([np.resize(np.roll(levels, 7 * i), (8, 12, 3)) for i in range(3)])       # (3, 8, 12, 3)
+    pixels = to_tensor(images)
+    assert pixels.shape == (3, 3, 8, 12) and pixels.min() == -1 and pixels.max() == 1
+    assert torch.equal(pixels[1:2], to_tensor(Image.fromarray(images[1])))                   # as for one image
+    assert all(np.array_equal(np.asarray(image), array) for image, array in zip(to_images(pixels), images))
 
 
 def test_learning_rate_warms_up_then_decays_along_a_cosine():
-    lr = [train.cosine_with_warmup(s, warmup=10, total=110) for s in range(111)]
+    lr = [loop.cosine_with_warmup(s, warmup=10, total=110) for s in range(111)]
     assert lr[0] == pytest.approx(0.1) and lr[9] == 1.0 and lr[10] == 1.0
     assert lr[60] == pytest.approx(0.5) and lr[110] == pytest.approx(0.0)
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
@@ -49,7 +66,7 @@ def test_learning_rate_warms_up_then_decays_along_a_cosine():
 
 def test_ema_moves_towards_the_weights():
     model = torch.nn.Linear(2, 2)
-    ema = train.EMA(model, decay=0.9)
+    ema = loop.EMA(model, decay=0.9)
     with torch.no_grad():
         model.weight.add_(1.0)
     before = ema.model.weight.clone()
@@ -61,7 +78,7 @@ def test_vae_loss_falls(tmp_path):
     images, _ = scene_images(64, 16)
     torch.manual_seed(0)
     vae = AutoencoderKL(TINY_VAE)
-    trainer = train.Trainer("vae", vae, lambda m, g: train.vae_loss(m, images, 1e-4, g, 16),
+    trainer = loop.Trainer("vae", vae, lambda m, g: objectives.vae_loss(m, images, 1e-4, g, 16),
                             quiet(steps=60, lr=3e-3, warmup_steps=5), tmp_path)
     first = np.mean([trainer.train_step() for _ in range(5)])
     trainer.run()
@@ -75,11 +92,12 @@ def test_text_to_image_loss_falls(tmp_path):
     pipe = tiny_pipeline()
     pipe.unet = UNet(UNetConfig(**{**TINY_UNET.__dict__, "in_channels": 3, "out_channels": 3}))
     images, captions = scene_images(64, 8)
-    loss = train.text_to_image_loss((images, torch.zeros_like(images)), pipe.tokenizer(captions),
-                                    pipe.tokenizer([""]), train.alphas_cumprod(train.schedule_of(train.SD_SCHEDULE)),
-                                    "epsilon", batch_size=16)
-    model = train.TextToImage(pipe.text_encoder, pipe.unet, train_text_encoder=False)
-    trainer = train.Trainer("unet", model, loss, quiet(steps=40, lr=3e-3, warmup_steps=5), tmp_path)
+    loss = objectives.text_to_image_loss((images, torch.zeros_like(images)), pipe.tokenizer(captions),
+                                         pipe.tokenizer([""]),
+                                         alphas_cumprod(stages.schedule_of(SDLITE_TINY.scheduler_config())),
+                                         "epsilon", batch_size=16)
+    model = objectives.TextToImage(pipe.text_encoder, pipe.unet, train_text_encoder=False)
+    trainer = loop.Trainer("unet", model, loss, quiet(steps=40, lr=3e-3, warmup_steps=5), tmp_path)
     first = np.mean([trainer.train_step() for _ in range(5)])
     trainer.run()
     last = np.mean([trainer.train_step() for _ in range(5)])
@@ -97,11 +115,11 @@ def test_v_prediction_target():
             eps = (x_t - 0.6 * x0) / 0.8
             return 0.6 * eps - 0.8 * x0
 
-    loss = train.diffusion_loss(Oracle(), x0, None, alpha_bar, "v_prediction", torch.Generator().manual_seed(0))
+    loss = objectives.diffusion_loss(Oracle(), x0, None, alpha_bar, "v_prediction", torch.Generator().manual_seed(0))
     assert loss.item() < 1e-10
 
 
-def trainer_for(out: Path, steps: int) -> train.Trainer:
+def trainer_for(out: Path, steps: int) -> loop.Trainer:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 1))
     data = torch.randn(64, 4)
@@ -109,7 +127,7 @@ def trainer_for(out: Path, steps: int) -> train.Trainer:
     def loss(m, g):
         x = data[torch.randint(64, (8,), generator=g)]
         return (m(x).squeeze(1) - x.sum(1)).pow(2).mean()
-    return train.Trainer("toy", model, loss, quiet(steps=steps, lr=1e-2, warmup_steps=2, ema_decay=0.9), out)
+    return loop.Trainer("toy", model, loss, quiet(steps=steps, lr=1e-2, warmup_steps=2, ema_decay=0.9), out)
 
 
 def test_save_load_resume_is_the_uninterrupted_run(tmp_path):
@@ -150,7 +168,7 @@ def assert_same_optimizer_state(a: torch.optim.Optimizer, b: torch.optim.Optimiz
 
 def test_saved_folder_loads_through_the_ordinary_loader(tmp_path):
     pipe = tiny_pipeline()
-    train.save_folder(pipe, tmp_path / "tiny", dtype=torch.float32)
+    save_folder(pipe, tmp_path / "tiny", dtype=torch.float32)
     loaded = sdlite.load(tmp_path / "tiny")
     assert loaded.default_size == 16 and loaded.default_sampler == "ddim"
     assert loaded.vae.config == pipe.vae.config and loaded.unet.config == pipe.unet.config
@@ -167,7 +185,7 @@ def test_saved_folder_loads_through_the_ordinary_loader(tmp_path):
 
 def run_train_command(*argv):
     parser = argparse.ArgumentParser()
-    train.add_command(parser.add_subparsers())
+    cli.add_command(parser.add_subparsers())
     args = parser.parse_args(["train", *argv])
     args.run(args)
 
@@ -175,7 +193,7 @@ def run_train_command(*argv):
 def test_fine_tune_from_the_command_line(tmp_path):
     """A folder of images with captions beside them fine-tunes a checkpoint's UNet; its VAE and text encoder stay."""
     base = tiny_pipeline()
-    train.save_folder(base, tmp_path / "base", dtype=torch.float32)
+    save_folder(base, tmp_path / "base", dtype=torch.float32)
     data = tmp_path / "photos"
     data.mkdir()
     for i, scene in enumerate(scenes.all_scenes()[:4]):
@@ -196,8 +214,8 @@ def test_fine_tune_from_the_command_line(tmp_path):
 def test_folder_without_captions_needs_one_caption(tmp_path):
     Image.new("RGB", (40, 30), "red").save(tmp_path / "a.png")
     with pytest.raises(sdlite.UserError, match="a.txt"):
-        train.read_folder(tmp_path, 16, caption=None)
-    images, captions = train.read_folder(tmp_path, 16, caption="a red thing")
+        data.read_folder(tmp_path, 16, caption=None)
+    images, captions = data.read_folder(tmp_path, 16, caption="a red thing")
     assert images.shape == (1, 16, 16, 3) and captions == ["a red thing"]
 
 
@@ -205,8 +223,8 @@ def test_pixel_model_trains_and_samples(tmp_path):
     images, _ = scene_images(32, 16)
     config = UNetConfig(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
                         attention_levels=(False, False), heads=(2, 2), cross_attention_dim=32)
-    unet = train.train_pixel(images, config, quiet(steps=3, batch_size=4), tmp_path)
-    samples = train.sample_pixels(unet, train.DDPM_SCHEDULE, n=2, size=16, steps=3, seed=0)
+    unet = stages.train_pixel(images, config, quiet(steps=3, batch_size=4), tmp_path)
+    samples = stages.sample_pixels(unet, PIXEL_DDPM.scheduler_config(), n=2, size=16, steps=3, seed=0)
     assert samples.shape == (2, 3, 16, 16) and samples.abs().max() <= 1
     assert (tmp_path / "train" / "pixel-unet.pt").exists()
 
@@ -241,3 +259,16 @@ def test_default_model_follows_prompts(default_model):
     right = {attribute: sum(r[attribute] for r in results) for attribute in results[0]}
     assert right["colour"] >= 10 and right["shape"] >= 10, right
     assert right["size"] >= 12 and right["position"] >= 12, right
+
+
+def test_generating_does_not_import_training(tmp_path):
+    """`sdlite txt2img` (a fresh process, the default model) leaves sdlite.train and its modules unimported."""
+    out = tmp_path / "a.png"
+    script = ("import sys\n"
+              "from sdlite.__main__ import main\n"
+              f"code = main(['txt2img', 'a red circle', '--steps', '2', '--quiet', '--out', {str(out)!r}])\n"
+              "print(code, [m for m in sys.modules if m == 'sdlite.train' or m.startswith('sdlite.train.')])\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.stdout.splitlines()[-1:] == ["0 []"], result.stderr
+    assert out.exists()

@@ -9,7 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdlite import UserError, checkpoint, runtime
-from sdlite.unet import UNET_IMPLEMENTED, UNET_REFUSED, UNet, UNetConfig, unet_from_ldm
+from sdlite.formats import diffusers
+from sdlite.formats.ldm import unet_from_ldm, unet_to_ldm
+from sdlite.unet import UNET_IMPLEMENTED, UNET_REFUSED, UNet, UNetConfig
 from sdlite.weights import read_safetensors
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -91,6 +93,14 @@ def test_packed_convolutions_match_the_reference(case, tmp_path):
 def test_single_file_config_inferred_from_shapes_equals_config_json(ldm_case):
     config, _ = unet_from_ldm(ldm_case.ldm)
     assert config == UNetConfig.from_json(ldm_case.config_json)
+
+
+def test_single_file_keys_written_back(ldm_case):
+    """unet_to_ldm inverts unet_from_ldm: the original keys, each holding its own tensor."""
+    config, state_dict = unet_from_ldm(ldm_case.ldm)
+    written = unet_to_ldm(config, state_dict)
+    assert written.keys() == ldm_case.ldm.keys()
+    assert all(written[key] is value for key, value in ldm_case.ldm.items())
 
 
 def test_single_file_keys_map_as_in_the_reference(ldm_case):
@@ -194,6 +204,6 @@ def test_unet_folder_loads_through_the_loader(name, tmp_path):
     case = Case(name)
     (tmp_path / "config.json").write_text(json.dumps(case.config_json))
     save_file(case.diffusers_weights(), tmp_path / "diffusion_pytorch_model.safetensors")
-    config = UNetConfig.from_json(checkpoint.read_json(tmp_path / "config.json"), tmp_path / "config.json")
-    weights = checkpoint.read_state_dict(checkpoint.weights_file(tmp_path, "diffusion_pytorch_model"), torch.float32)
+    config = UNetConfig.from_json(diffusers.read_json(tmp_path / "config.json"), tmp_path / "config.json")
+    weights = checkpoint.read_state_dict(diffusers.weights_file(tmp_path, "diffusion_pytorch_model"), torch.float32)
     assert_matches_reference(checkpoint.build(UNet, config, weights, tmp_path), case)

@@ -9,8 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdlite import UserError
+from sdlite.formats.ldm import vae_from_ldm, vae_to_ldm
 from sdlite.tiling import tiled_decode, tiled_encode
-from sdlite.vae import VAE_IMPLEMENTED, VAE_REFUSED, AutoencoderKL, DiagonalGaussian, VAEConfig, vae_from_ldm
+from sdlite.vae import VAE_IMPLEMENTED, VAE_REFUSED, AutoencoderKL, DiagonalGaussian, VAEConfig
 from tolerances import float_rounding_tolerance
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -111,6 +112,15 @@ def test_vae_from_ldm(config):
     assert state_dict.keys() == diffusers_state.keys()  # so loading it is exactly test_encode's and test_decode's
     for key, value in diffusers_state.items():
         assert torch.equal(state_dict[key], value), key
+
+
+def test_vae_to_ldm_inverts_vae_from_ldm():
+    """The original keys but the training loss's (loss.*), the attention's 1x1 convolutions as they were."""
+    ldm = load_weights("vae_ldm.safetensors")
+    written = vae_to_ldm(*vae_from_ldm(ldm))
+    assert written.keys() == {key for key in ldm if not key.startswith("loss.")}
+    for key, value in written.items():
+        assert value.shape == ldm[key].shape and torch.equal(value, ldm[key]), key
 
 
 # ---- config.json keys: each honoured or refused by name (make_vae.CONFIG_CASES) ----
