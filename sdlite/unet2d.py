@@ -20,7 +20,7 @@ from torch import nn
 from .attention import attention
 from .config import ACTIVATIONS, ConfigFile, show
 from .errors import UserError
-from .unet import Downsample, TimestepEmbedding, Upsample, timestep_embedding
+from .unet import TimestepEmbedding, UNetDownsample, UNetUpsample, timestep_embedding
 
 # Keys whose other values sdlite has no code for (the reference's defaults, and dropout, which acts in training only).
 UNET2D_REFUSED = {
@@ -208,7 +208,7 @@ class DownBlock(nn.Module):
             SelfAttention(out, cfg.attention_head_dim, cfg.norm_num_groups, cfg.norm_eps, 1.0)
             for _ in range(n if cfg.attention_levels[level] else 0))
         deepest = level == len(cfg.block_out_channels) - 1
-        self.downsamplers = nn.ModuleList([] if deepest else [Downsample(out, cfg.downsample_padding)])
+        self.downsamplers = nn.ModuleList([] if deepest else [UNetDownsample(out, cfg.downsample_padding)])
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
@@ -236,7 +236,7 @@ class UpBlock(nn.Module):
         self.attentions = nn.ModuleList(
             SelfAttention(out, cfg.attention_head_dim, cfg.norm_num_groups, cfg.norm_eps, 1.0)
             for _ in range(n if cfg.up_attention_levels[level] else 0))
-        self.upsamplers = nn.ModuleList([] if level == 0 else [Upsample(out)])
+        self.upsamplers = nn.ModuleList([] if level == 0 else [UNetUpsample(out)])
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
         """Pops its skips off the end of `skips`."""
