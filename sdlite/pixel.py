@@ -9,6 +9,7 @@ the x_0 estimate to [-1, 1] as their configs say); images (x / 2 + 0.5) clamped 
 """
 import random
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from PIL import Image
@@ -18,6 +19,7 @@ from .checkpoint import build, read_state_dict
 from .formats.diffusers import read_config, read_json, weights_file
 from .errors import UserError
 from .image import generation_parameters, model_hash, to_images
+from .pipeline import Step, predicted_x0
 from .unet2d import UNet2D, UNet2DConfig, renamed_old_attention_keys
 
 PIPELINES = ("DDPMPipeline", "DDIMPipeline")   # model_index.json's _class_name of a pixel-space folder
@@ -101,6 +103,21 @@ class PixelPipeline:
         """The UNet outputs eps and the variance interpolation v (Nichol & Dhariwal 2021): twice x's channels."""
         return self.unet.config.out_channels == 2 * self.unet.config.in_channels
 
+    def denoise(self, x: torch.Tensor, timesteps: torch.Tensor, sampler: samplers.Sampler,
+                generator: torch.Generator) -> Iterator[Step]:
+        """The loop, x_T -> x_0 in pixel space (Ho et al. algorithm 2 with any sampler), yielding a Step after each
+        step as Pipeline.denoise does (its x0 is the image the model predicts)."""
+        whole_output = getattr(sampler.cfg, "variance_type", None) == "learned_range"   # DDPM's learned variance
+        for i, t in enumerate(timesteps):
+            x_in = sampler.scale_input(x, t)
+            out = self.unet(x_in, t)
+            eps = out[:, :x.shape[1]]   # a learned-variance UNet's other half is v, which only DDPM reads
+            x0 = predicted_x0(sampler, eps, x_in, t)
+            x = sampler.step(out if whole_output else eps, t, x, generator)
+            if not torch.isfinite(x).all():
+                raise UserError(f"the images after step {i + 1} of {len(timesteps)} hold NaN or infinite values")
+            yield Step(i, len(timesteps), t, x, x0)
+
     @torch.no_grad()
     def sample(self, steps: int = 1000, scheduler: str | None = None, batch_size: int = 1, seed: int | None = None,
                eta: float = 0.0, progress=None) -> list[Image.Image]:
@@ -120,16 +137,10 @@ class PixelPipeline:
         shape = (batch_size, self.unet.config.in_channels, height, width)
         timesteps = sampler.set_timesteps(steps)
         x = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device) * sampler.init_sigma
-        whole_output = name == "ddpm" and sampler.cfg.variance_type == "learned_range"
-        for i, t in enumerate(timesteps):
-            out = self.unet(sampler.scale_input(x, t), t)
-            if self.learns_variance and not whole_output:
-                out = out[:, :x.shape[1]]   # eps; the other samplers have no use for v
-            x = sampler.step(out, t, x, generator)
-            if not torch.isfinite(x).all():
-                raise UserError(f"the images after step {i + 1} of {len(timesteps)} hold NaN or infinite values")
+        for step in self.denoise(x, timesteps, sampler, generator):
+            x = step.x
             if progress:
-                progress(i + 1, len(timesteps))
+                progress(step.i + 1, step.total)
         fields = {"Steps": steps, "Sampler": name, "Eta": eta or None, "Seed": seed, "Size": f"{width}x{height}",
                   "Model hash": model_hash(self.model_file), "Model": self.name}
         parameters = generation_parameters("", "", fields).lstrip("\n")

@@ -200,3 +200,20 @@ def test_schedule_plot_is_written(tmp_path, capsys):
     assert main(["schedule", "--model", str(case.folder), "--steps", "20", "--plot", str(plot)]) == 0
     assert Image.open(plot).size[0] > 0
     assert main(["schedule", "--model", str(case.folder), "--plot", str(plot)]) == 2   # never overwritten silently
+
+
+def test_denoise_yields_each_step_and_the_images_come_from_the_last(tmp_path):
+    """PixelPipeline.denoise yields one Step per timestep (x and the predicted image, of x's shape); sample's images
+    are the last step's x, rounded."""
+    pipe = sdlite.load(Case("improved", tmp_path).folder)
+    sampler = pipe.build_sampler("ddpm", 0.0)
+    timesteps = sampler.set_timesteps(5)
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 8, 16, generator=generator)
+    with torch.no_grad():
+        steps = list(pipe.denoise(x, timesteps, sampler, generator))
+    assert [(step.i, step.total, int(step.t)) for step in steps] == [(i, 5, int(t)) for i, t in enumerate(timesteps)]
+    assert all(step.x.shape == step.x0.shape == x.shape for step in steps)
+    images = pipe.sample(steps=5, batch_size=2, seed=7)
+    last = ((steps[-1].x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert np.array_equal(np.stack([np.array(image) for image in images]), last.numpy())
