@@ -70,10 +70,7 @@ class PixelPipeline:
     @property
     def default_sampler(self) -> str:
         """The sampler of the folder's own scheduler config (DDPMPipeline's folders: ddpm)."""
-        class_name = self.scheduler_config.get("_class_name", "DDPMScheduler")
-        if class_name not in samplers.CLASS_NAMES:
-            raise UserError(f"the model's scheduler {class_name} is not implemented: choose one with --scheduler")
-        return samplers.CLASS_NAMES[class_name]
+        return samplers.own(self.scheduler_config, "DDPMScheduler")
 
     def build_sampler(self, name: str, eta: float) -> samplers.Sampler:
         """The sampler `name` on the folder's schedule, as TargetScheduler.from_config(config) builds it (what
