@@ -71,11 +71,14 @@ def stages(system: str, pipe, dtype: torch.dtype, steps: int = STEPS) -> dict:
     context = torch.randn(2, 77, 768, generator=g).to(dtype)
     z = torch.randn(1, 4, SIDE // 8, SIDE // 8, generator=g).to(dtype)
     if system == "sdlite":
-        from sdlite.onednn import pack_convolutions
-        return {"prompt encoding": lambda: pipe.encode_prompt(PROMPT, NEGATIVE, 1, GUIDANCE),
-                # as in the sampling loop, whose start packs the convolution weights (once per pipeline)
-                "UNet step": lambda: (pack_convolutions(pipe.unet), pipe.unet(latents, 500, context)),
-                "VAE decode": lambda: pipe.vae.decode(z),
+        from sdlite import Request, runtime
+
+        def running(module, call):   # as in the pipeline's stages: the fast paths of runtime.py
+            with runtime.running(module):
+                return call()
+        return {"prompt encoding": lambda: pipe.encode_prompt(Request(PROMPT, NEGATIVE, guidance_scale=GUIDANCE)),
+                "UNet step": lambda: running(pipe.unet, lambda: pipe.unet(latents, 500, context)),
+                "VAE decode": lambda: running(pipe.vae, lambda: pipe.vae.decode(z)),
                 "txt2img": lambda: pipe.txt2img(PROMPT, NEGATIVE, steps=steps, guidance_scale=GUIDANCE, width=SIDE,
                                                 height=SIDE, seed=0)}
     return {"prompt encoding": lambda: pipe.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE),

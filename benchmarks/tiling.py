@@ -2,9 +2,10 @@
 Run: python benchmarks/tiling.py   (needs `pip install -e .[reference]`; about 6 minutes on 2 cores)
 
 Each system decodes one latent of a SIDE x SIDE image with SD 1.5's VAE (random weights, benchmarks/checkpoints.py)
-in fp32, untiled and with tiling on (sdlite: `pipe.vae.tiling = True`; diffusers: `pipe.vae.enable_tiling()`; both
-use 512-pixel tiles that start every 384 pixels), each run in a new process whose peak memory (VmHWM, benchmarks/memory.py) is taken
-after the decode. The tiled outputs of the two systems are compared too.
+in fp32, untiled and with tiling on (sdlite: `tiling.tiled_decode(vae, z)` within `runtime.running(vae)`; diffusers:
+`pipe.vae.enable_tiling()`; both use 512-pixel tiles that start every 384 pixels), each run in a new process whose
+peak memory (VmHWM, benchmarks/memory.py) is taken after the decode. The tiled outputs of the two systems are
+compared too.
 """
 import json
 import subprocess
@@ -28,9 +29,12 @@ def worker(system: str, tiled: bool) -> dict:
     z = torch.randn(1, 4, SIDE // 8, SIDE // 8, generator=torch.Generator().manual_seed(0))
     if system == "sdlite":
         import sdlite
+        from sdlite import runtime, tiling
         vae = sdlite.load(SD1).vae
-        vae.tiling = tiled
-        decode = vae.decode
+
+        def decode(z):
+            with runtime.running(vae):   # as the pipeline runs it
+                return tiling.tiled_decode(vae, z) if tiled else vae.decode(z)
     else:
         from diffusers import AutoencoderKL
         vae = AutoencoderKL.from_pretrained(SD1 / "vae")

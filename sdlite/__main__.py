@@ -29,9 +29,9 @@ from . import __version__, prompts, samplers
 from .checkpoint import load
 from .errors import UserError
 from .image import check_writable, open_rgb, save_png
-from .lora import find_lora, split_lora_tags
-from .pipeline import check_text
+from .lora import find_lora
 from .preprocess import canny_image
+from .request import Request
 from .progress import Progress
 
 if starting:
@@ -179,48 +179,38 @@ def generate(args: argparse.Namespace) -> None:
         path = getattr(args, flag, None)
         if path is not None and not path.is_file():
             raise UserError(f"--{flag}: {'not a regular file' if path.exists() else 'no such file'}: {path}")
-    check_text("prompt", args.prompt)                  # before anything tokenizes it
-    check_text("negative prompt", args.negative_prompt)
+    request = Request(args.prompt, args.negative_prompt, args.steps, args.guidance_scale, args.guidance_rescale,
+                      getattr(args, "width", None), getattr(args, "height", None), args.seed, args.scheduler,
+                      args.batch_size, args.prompt_syntax, args.clip_skip, getattr(args, "strength", None))
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be at least 1, not {args.threads}")
         torch.set_num_threads(args.threads)
-    tagged = []
-    if args.prompt_syntax == "a1111":   # <lora:NAME:WEIGHT> is A1111's syntax
-        args.prompt, tagged = split_lora_tags(args.prompt)
+    tagged = request.lora_tags   # <lora:NAME:WEIGHT> in the prompt (A1111's syntax), which stays as typed in the PNG
     if tagged and args.lora_dir is None:
         raise UserError(f"the prompt names LoRAs (<lora:{tagged[0][0]}:...>): give their folder with --lora-dir")
     loras = args.lora + [(find_lora(args.lora_dir, name), weight) for name, weight in tagged]
     for flag, path in [("embedding", path) for path in args.embedding] + [("lora", path) for path, _ in loras]:
         if not path.is_file():
             raise UserError(f"--{flag}: no such file: {path}")
-    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**32, ()).item())
-    out = args.out or Path(f"{args.command}-{seed}.png")
+    out = args.out or Path(f"{args.command}-{request.seed}.png")
     check_outputs(out, args.batch_size, args.overwrite)
     pipe = load(model, dtype=DTYPES[args.dtype], device=args.device, prediction_type=args.prediction_type)
-    pipe.vae.tiling = args.vae_tiling
+    pipe.vae_tiling = args.vae_tiling
     for path in args.embedding:
         pipe.load_embedding(path)
     for path, weight in loras:
         pipe.load_lora(path, weight)
-    for name, text in (("prompt", args.prompt), ("negative prompt", args.negative_prompt)):
+    for name, text in (("prompt", request.text), ("negative prompt", request.negative_prompt)):
         if args.show_tokens:
             print(f"{name}: {prompts.describe(pipe.tokenizer, text, args.prompt_syntax)}")
         dropped = prompts.windows(pipe.tokenizer, text, args.prompt_syntax)[2]
         if dropped and not args.quiet:
             print(f"warning: the {name}'s last {dropped} tokens are past the 75 that --prompt-syntax "
                   f"{args.prompt_syntax} keeps (--prompt-syntax a1111 encodes them all)", file=sys.stderr)
-    settings = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
-                    guidance_rescale=args.guidance_rescale, seed=seed, scheduler=args.scheduler,
-                    batch_size=args.batch_size, progress=Progress(args.command, quiet=args.quiet),
-                    prompt_syntax=args.prompt_syntax, clip_skip=args.clip_skip)
-    if args.command == "txt2img":
-        images = pipe.txt2img(args.prompt, width=args.width, height=args.height, **settings)
-    elif args.command == "img2img":
-        images = pipe.img2img(args.prompt, args.image, strength=args.strength, **settings)
-    else:
-        images = pipe.inpaint(args.prompt, args.image, args.mask, strength=args.strength, mask_blur=args.mask_blur,
-                              keep_unmasked=args.keep_unmasked, **settings)
+    images = pipe.generate(request, getattr(args, "image", None), getattr(args, "mask", None),
+                           getattr(args, "mask_blur", 0), getattr(args, "keep_unmasked", False),
+                           Progress(args.command, quiet=args.quiet))
     written = []
     try:
         for i, image in enumerate(images):

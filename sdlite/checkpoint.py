@@ -12,15 +12,15 @@
 """
 import os
 from pathlib import Path
-from unittest import mock
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .clip import CLIPTextConfig, CLIPTextModel
 from .errors import MALFORMED, UserError
 from .formats import ldm
 from .formats.diffusers import image_size, read_config, read_json, read_tokenizer, weights_file, with_text_model_prefix
-from .formats.families import SD1, SD2, single_file_family
+from .formats.families import single_file_family
 from .pipeline import Pipeline
 from .tokenizer import Tokenizer
 from .unet import UNet, UNetConfig
@@ -136,7 +136,7 @@ def load_single_file(path: Path, dtype: torch.dtype) -> Pipeline:
         unet=build(UNet, unet_config, unet_weights, path),
         vae=build(AutoencoderKL, vae_config, vae_weights, path),
         scheduler_config=family.scheduler_config(),
-        family=family.name, default_size=family.image_size, name=path.stem)
+        default_size=family.image_size, name=path.stem)
 
 
 def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
@@ -157,7 +157,6 @@ def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
         unet=build(UNet, unet_config, unet_weights, path / "unet"),
         vae=build(AutoencoderKL, vae_config, vae_weights, path / "vae"),
         scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
-        family=(SD2 if text_config.hidden_act == "gelu" else SD1).name,
         default_size=image_size(unet_json, vae_config.downscale),
         name=path.name)
 
@@ -171,12 +170,21 @@ def convert(conversion, state_dict: dict[str, torch.Tensor], path: Path, prefix:
                         f"{str(e)[:120]})") from None
 
 
+class SkipNormalInit(TorchFunctionMode):
+    """Within it, nn.init.normal_ (nn.Embedding's init) leaves its tensor as it is: on the meta device it would do
+    nothing but import torch._dynamo, 1.6 s at every load on this machine."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.init.normal_:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def build(module_class, config, state_dict: dict[str, torch.Tensor], where: Path) -> torch.nn.Module:
     """The module with the checkpoint's tensors as its parameters: built on the meta device (no memory, no random
     init) and given the loaded tensors themselves, never a copy. A missing or unexpected key is an error."""
-    # normal_ (nn.Embedding's init) is skipped: on the meta device it does nothing but import torch._dynamo, seconds
     try:
-        with torch.device("meta"), mock.patch("torch.nn.init.normal_", lambda tensor, *args, **kwargs: tensor):
+        with torch.device("meta"), SkipNormalInit():
             module = module_class(config)
     except UserError:
         raise

@@ -12,11 +12,8 @@ import torch.nn.functional as F
 
 from .errors import UserError
 
-# The activation functions of diffusers' act_fn (get_activation); each takes `inplace`, honoured where it can be.
-ACTIVATIONS = {
-    "silu": F.silu, "swish": F.silu, "mish": F.mish, "relu": F.relu,
-    "gelu": lambda x, inplace=False: F.gelu(x),
-}
+# The activation functions of diffusers' act_fn (get_activation).
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "mish": F.mish, "relu": F.relu, "gelu": F.gelu}
 
 
 KINDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}

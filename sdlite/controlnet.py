@@ -10,7 +10,7 @@ and whose outputs are added to the frozen UNet's skips and mid-block output.
                                               down residuals (one per UNet skip)   mid residual, each * scale
 
 The zero convolutions start at zero in training (sec. 3.1: the copy then adds nothing), so that training starts from
-the unchanged UNet. The encoder half is the UNet's own code (unet.py's DownBlock, MidBlock, TimestepEmbedding).
+the unchanged UNet. The encoder half is the UNet's own code (unet.py's UNetDownBlock, UNetMidBlock, TimestepEmbedding).
 Attribute names are diffusers' ControlNetModel state-dict keys, so a diffusers folder loads as it is;
 `controlnet_from_ldm` renames the keys of the single files people download (`control_model.*`).
 
@@ -30,7 +30,7 @@ from .config import ConfigFile, show
 from .errors import UserError
 from .image import open_rgb
 from .formats.ldm import ldm_to_diffusers_key
-from .unet import DownBlock, MidBlock, TimestepEmbedding, UNetConfig, timestep_embedding
+from .unet import TimestepEmbedding, UNetConfig, UNetDownBlock, UNetMidBlock, timestep_embedding
 
 # config.json keys sdlite has no code for, accepted at the reference's defaults only (see config.py).
 CONTROLNET_REFUSED = {
@@ -136,12 +136,12 @@ class ControlNet(nn.Module):
         self.conv_in = nn.Conv2d(enc.in_channels, channels[0], 3, padding=1)
         self.controlnet_cond_embedding = HintEncoder(config.conditioning_channels, config.hint_channels, channels[0])
         self.down_blocks = nn.ModuleList(
-            DownBlock(enc, level, channels[max(level - 1, 0)]) for level in range(len(channels)))
+            UNetDownBlock(enc, level, channels[max(level - 1, 0)]) for level in range(len(channels)))
         skip_channels = [channels[0]]   # of every skip the encoder leaves, as in the UNet
         for out, block in zip(channels, self.down_blocks):
             skip_channels += [out] * (len(block.resnets) + len(block.downsamplers))
         self.controlnet_down_blocks = nn.ModuleList(nn.Conv2d(c, c, 1) for c in skip_channels)
-        self.mid_block = MidBlock(enc)
+        self.mid_block = UNetMidBlock(enc)
         self.controlnet_mid_block = nn.Conv2d(channels[-1], channels[-1], 1)
 
     def forward(self, x: torch.Tensor, t: float | int | torch.Tensor, context: torch.Tensor, hint: torch.Tensor,

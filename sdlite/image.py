@@ -56,10 +56,30 @@ def cache_folder() -> Path:
 
 
 def model_hash(path: Path | None) -> str | None:
-    """A1111's "Model hash": the first 10 hex digits of the file's SHA-256. Hashing a 4 GB file takes seconds, so the
-    full hash is kept in ~/.cache/sdlite/model-hashes.json under the file's path, beside its size and mtime, and
-    computed again only when either changes. None for no file, or one that can no longer be read (moved since it was
-    loaded): the PNG then goes without the hash rather than the images being lost."""
+    """A1111's "Model hash": the first 10 hex digits of the file's SHA-256 (file_sha256)."""
+    digest = file_sha256(path)
+    return digest and digest[:10]
+
+
+def lora_hash(path: Path) -> str | None:
+    """A1111's hash of a LoRA in "Lora hashes": the first 12 hex digits of the SHA-256 of a safetensors file's data
+    after its header (kohya's and sd-webui-additional-networks' hash, which metadata edits leave unchanged), of the
+    whole file for other formats."""
+    digest = file_sha256(path, skip_header=Path(path).suffix == ".safetensors")
+    return digest and digest[:12]
+
+
+def embedding_hash(path: Path) -> str | None:
+    """A1111's hash of a textual-inversion embedding in "TI hashes": the first 12 hex digits of the file's SHA-256."""
+    digest = file_sha256(path)
+    return digest and digest[:12]
+
+
+def file_sha256(path: Path | None, skip_header: bool = False) -> str | None:
+    """The SHA-256 of a file (hex), of a safetensors file's data after its header with `skip_header`. Hashing a 4 GB
+    file takes seconds, so the hash is kept in ~/.cache/sdlite/model-hashes.json under the file's path, beside its
+    size and mtime, and computed again only when either changes. None for no file, or one that can no longer be read
+    (moved since it was loaded): the PNG then goes without the hash rather than the images being lost."""
     if path is None:
         return None
     path = Path(path).resolve()
@@ -67,6 +87,7 @@ def model_hash(path: Path | None) -> str | None:
         stat = path.stat()
     except OSError:
         return None
+    kind = "sha256 after header" if skip_header else "sha256"
     cache_file = cache_folder() / HASH_CACHE
     try:
         cache = json.loads(cache_file.read_text())
@@ -74,15 +95,20 @@ def model_hash(path: Path | None) -> str | None:
         cache = {}
     entry = cache.get(str(path))
     if entry is None or entry["size"] != stat.st_size or entry["mtime"] != stat.st_mtime_ns:
+        entry = {"size": stat.st_size, "mtime": stat.st_mtime_ns}
+    if kind not in entry:
         digest = hashlib.sha256()
         try:
             with open(path, "rb") as f:
+                if skip_header:
+                    f.seek(8 + int.from_bytes(f.read(8), "little"))
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
         except OSError:
             return None
         cache = {name: e for name, e in cache.items() if Path(name).exists()}   # files deleted since are forgotten
-        entry = cache[str(path)] = {"size": stat.st_size, "mtime": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+        entry[kind] = digest.hexdigest()
+        cache[str(path)] = entry
         try:  # the cache is a convenience: a read-only home only costs the hashing next time
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".part")
@@ -91,11 +117,11 @@ def model_hash(path: Path | None) -> str | None:
             os.replace(tmp, cache_file)
         except OSError:
             pass
-    return entry["sha256"][:10]
+    return entry[kind]
 
 
 def save_png(image: Image.Image, path: str | Path, overwrite: bool = False) -> None:
-    """Write `image` with its `info["parameters"]` as a PNG text chunk. The file appears whole or not at all: it is
+    """Write `image` with its `info["parameters"]` (Pipeline.parameters) as a PNG text chunk. The file appears whole or not at all: it is
     written beside the target, then linked to the target's name, which fails if a file of that name appeared
     meanwhile (so of two runs writing the same name, exactly one wins), or with `overwrite` renamed over it, keeping
     the replaced file's permissions. A new file gets the permissions the umask gives (0644 with the usual 022)."""

@@ -8,33 +8,36 @@
         x = sampler.step(eps, t, x)
     image = vae.decode(vae.unscale_latents(x))                     x / scaling_factor in SD
 
+`denoise` is that loop, a generator that yields a Step (index, t, x, predicted x_0) after each step: progress bars,
+previews and early stops are the caller's. What a request adds to the text is a Conditioning: the inpainting variants
+here, ControlNet and depth later. The settings are a Request (request.py), checked when it is made.
+
 All randomness comes from one torch.Generator seeded once, drawn in the reference's order, so a seed means the same
-image as in diffusers. The UNet and the VAE run `streaming` (weights.py): each layer hands the pages of its
-memory-mapped weights back to the OS right after it has run, so that a call holds the weights of one layer at a time
-(the text encoder's go back after both prompts).
+image as in diffusers. Each stage runs its network within `runtime.running` (runtime.py), which applies the CPU
+fast paths from outside the model: packed convolutions, channels-last memory, weights streamed from the mapped file.
 """
-import math
-import random
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from . import lora, samplers
+from . import lora, runtime, samplers
 from .clip import CLIPTextModel
 from .embeddings import add_embedding
 from .errors import UserError
-from .image import generation_parameters, model_hash, open_rgb, paste_unmasked, to_tensor
-from .onednn import pack_convolutions
+from .image import embedding_hash, lora_hash, model_hash, open_rgb, paste_unmasked, to_tensor
 from .prompts import encode_prompts
+from .request import Request
+from .samplers.conversions import alpha_sigma, x0_from
+from .tiling import tiled_decode, tiled_encode
 from .tokenizer import Tokenizer
 from .unet import UNet
 from .vae import AutoencoderKL
-from .weights import release, streaming
 
 GB = 2**30
 
@@ -43,28 +46,70 @@ ImageInput = Image.Image | str | Path
 
 
 @dataclass
-class Run:
-    """What one call sets up before its loop."""
-    sampler: samplers.Sampler       # from sdlite.samplers.make
-    generator: torch.Generator      # seeded once; every random draw of the call comes from it
-    context: torch.Tensor           # (2B or B, 77, D) text-encoder output: negative prompt first when guided
-    parameters: str                 # the PNG "parameters" text
-    guidance_rescale: float = 0.0   # see rescale_guidance
+class Step:
+    """The loop's state after one step."""
+    i: int                # the step's index: i + 1 of `total` are done
+    total: int
+    t: torch.Tensor       # the timestep the UNet was run at
+    x: torch.Tensor       # (B, 4, h, w) the latents after the step: the next step's input
+    x0: torch.Tensor      # the clean latents the model predicted at t (a preview: vae.decode(unscale_latents(x0)))
+
+
+class Conditioning:
+    """What an image adds to the text in the loop, beside x: channels the UNet reads (9-channel inpainting; depth
+    later), or a change of x after each step (4-channel inpainting). ControlNet will add residuals the same way."""
+
+    def extra_channels(self) -> torch.Tensor | None:
+        """(B, c, h, w) put beside x as the UNet's further input channels, or None."""
+        return None
+
+    def after_step(self, x: torch.Tensor, i: int, timesteps: torch.Tensor, sampler: samplers.Sampler) -> torch.Tensor:
+        """x after step i, changed as this conditioning needs."""
+        return x
+
+
+@dataclass
+class MaskedImage(Conditioning):
+    """9-channel inpainting UNets: the mask and the masked image's latents beside x at every step."""
+    mask: torch.Tensor             # (B, 1, h, w) 1 where the image is repainted
+    masked_latents: torch.Tensor   # (B, 4, h, w) latents of the image with the repainted region black
+
+    def extra_channels(self) -> torch.Tensor:
+        return torch.cat([self.mask, self.masked_latents], dim=1)
+
+
+@dataclass
+class KnownRegion(Conditioning):
+    """4-channel UNets inpaint by blending (RePaint-style, Lugmayr et al. 2022): after every step, x outside the mask
+    is set back to the image's latents noised to the next timestep (to none after the last)."""
+    latents: torch.Tensor   # (B, 4, h, w) the image's latents
+    noise: torch.Tensor     # (B, 4, h, w) the noise that x started from
+    mask: torch.Tensor      # (B, 1, h, w) 1 where the image is repainted
+
+    def after_step(self, x, i, timesteps, sampler):
+        known = self.latents
+        if i < len(timesteps) - 1:
+            known = sampler.add_noise(known, self.noise, timesteps[i + 1:i + 2])
+        return (1 - self.mask) * known + self.mask * x
 
 
 class Pipeline:
     def __init__(self, tokenizer: Tokenizer, text_encoder: CLIPTextModel, unet: UNet, vae: AutoencoderKL,
-                 scheduler_config: dict, family: str, default_size: int, name: str):
+                 scheduler_config: dict, default_size: int, name: str):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.scheduler_config = scheduler_config  # the checkpoint's training schedule, in diffusers' terms
-        self.family = family                      # "sd1" or "sd2"
         self.default_size = default_size          # the image side the model was trained at, in pixels
         self.name = name
         self.model_file: Path | None = None       # the weights file whose hash the PNGs carry (checkpoint.load sets it)
+        self.loras: list[Path] = []               # the LoRA files merged, and the embeddings loaded (token -> file):
+        self.embeddings: dict[str, Path] = {}     # the PNGs carry their hashes
         self.vae_scale = vae.config.downscale
-        # The sampling loop runs the UNet's convolutions on weights packed for oneDNN (onednn.py); False runs plain
+        # The sampling loop runs the UNet's convolutions on weights packed for oneDNN (runtime.py); False runs plain
         # nn.Conv2d, whose fp32 results are bit-identical to diffusers' UNet instead of equal to float rounding.
         self.packed_convolutions = True
+        # Images larger than the VAE's sample_size go through it in tiles (tiling.py): memory bounded by one tile
+        # instead of growing with the image, at the price of results that differ from the untiled ones.
+        self.vae_tiling = False
 
     def to(self, device=None, dtype=None) -> "Pipeline":
         for module in (self.text_encoder, self.unet):
@@ -74,15 +119,19 @@ class Pipeline:
 
     def load_embedding(self, path: str | Path, token: str | None = None) -> str:
         """Add a textual-inversion embedding (embeddings.py); -> the token that calls it in prompts."""
-        return add_embedding(self.tokenizer, self.text_encoder, Path(path), token)
+        token = add_embedding(self.tokenizer, self.text_encoder, Path(path), token)
+        self.embeddings[token] = Path(path)
+        return token
 
     def load_lora(self, path: str | Path, weight: float = 1.0) -> None:
         """Merge a LoRA into the UNet's and the text encoder's weights (lora.py); unload_loras takes all out."""
         lora.merge({"unet": self.unet, "text_encoder": self.text_encoder}, Path(path), weight)
+        self.loras.append(Path(path))
 
     def unload_loras(self) -> None:
         """The weights as they were before the first load_lora, exactly (the very tensors, on their device)."""
         lora.unmerge({"unet": self.unet, "text_encoder": self.text_encoder})
+        self.loras.clear()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -106,17 +155,8 @@ class Pipeline:
                 scheduler: str | None = None, batch_size: int = 1, progress: Progress | None = None,
                 guidance_rescale: float = 0.0, prompt_syntax: str = "plain", clip_skip: int = 1) -> list[Image.Image]:
         """Images from pure noise (as diffusers' StableDiffusionPipeline)."""
-        if self.unet.config.in_channels != 4:
-            raise UserError("this is an inpainting checkpoint (9 input channels): use inpaint")
-        width = self.default_size if width is None else width
-        height = self.default_size if height is None else height
-        run = self.start(prompt, negative_prompt, steps, guidance_scale, width, height, seed, scheduler, batch_size,
-                         guidance_rescale=guidance_rescale, prompt_syntax=prompt_syntax, clip_skip=clip_skip)
-        timesteps = run.sampler.set_timesteps(steps)
-        noise = torch.randn(self.latent_shape(batch_size, width, height), generator=run.generator, dtype=self.dtype)
-        x = noise.to(self.device) * run.sampler.init_sigma
-        x = self.denoise(x, run, timesteps, guidance_scale, progress)
-        return self.decode(x, run.parameters)
+        return self.generate(Request(prompt, negative_prompt, steps, guidance_scale, guidance_rescale, width, height,
+                                     seed, scheduler, batch_size, prompt_syntax, clip_skip), progress=progress)
 
     @torch.no_grad()
     def img2img(self, prompt: str, image: ImageInput, strength: float = 0.8, negative_prompt: str = "",
@@ -125,17 +165,10 @@ class Pipeline:
                 prompt_syntax: str = "plain", clip_skip: int = 1) -> list[Image.Image]:
         """Images that start from `image` noised to the timestep `strength` picks (SDEdit, Meng et al. 2022): the
         last strength * steps steps of the schedule are run (as diffusers' StableDiffusionImg2ImgPipeline)."""
-        if self.unet.config.in_channels != 4:
-            raise UserError("this is an inpainting checkpoint (9 input channels): use inpaint")
-        image = self.fit(open_rgb(image))
-        run = self.start(prompt, negative_prompt, steps, guidance_scale, *image.size, seed, scheduler, batch_size,
-                         strength, guidance_rescale, prompt_syntax=prompt_syntax, clip_skip=clip_skip)
-        timesteps = self.partial_timesteps(run.sampler, steps, strength)
-        x0 = self.encode_image(to_tensor(image), run.generator).repeat(batch_size, 1, 1, 1)
-        noise = torch.randn(x0.shape, generator=run.generator, dtype=self.dtype).to(self.device)
-        x = run.sampler.add_noise(x0, noise, timesteps[:1].repeat(batch_size))
-        x = self.denoise(x, run, timesteps, guidance_scale, progress)
-        return self.decode(x, run.parameters)
+        request = Request(prompt, negative_prompt, steps, guidance_scale, guidance_rescale, seed=seed,
+                          sampler=scheduler, batch_size=batch_size, prompt_syntax=prompt_syntax, clip_skip=clip_skip,
+                          strength=strength)
+        return self.generate(request, image, progress=progress)
 
     @torch.no_grad()
     def inpaint(self, prompt: str, image: ImageInput, mask: ImageInput, strength: float = 1.0,
@@ -151,89 +184,70 @@ class Pipeline:
         radius in pixels applied to the mask first; `keep_unmasked` pastes the input back over the output wherever
         the (blurred) mask is not white, so that pixels outside the mask are exactly the input's.
         """
-        image, mask = open_rgb(image), open_rgb(mask, what="mask").convert("L")
-        if mask.size != image.size:
-            raise UserError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is "
-                            f"{image.size[0]}x{image.size[1]}: give a mask of the image's size")
-        if not (isinstance(mask_blur, (int, float)) and 0 <= mask_blur <= max(mask.size)):
-            raise UserError(f"mask blur must be a radius from 0 to the image's larger side ({max(mask.size)} "
-                            f"pixels), not {mask_blur}")
-        if mask_blur > 0:
-            mask = mask.filter(ImageFilter.GaussianBlur(mask_blur))
-        image, mask = self.fit(image), self.fit(mask)
-        pixels = to_tensor(image)                                                  # (1, 3, H, W) in [-1, 1]
-        m = (torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255) >= 0.5).float()[None, None]  # (1, 1, H, W)
-        if not m.any():
-            raise UserError("the mask is all black: nothing to repaint (white marks the region to repaint)")
-        run = self.start(prompt, negative_prompt, steps, guidance_scale, *image.size, seed, scheduler, batch_size,
-                         strength, guidance_rescale, inpainting=True, prompt_syntax=prompt_syntax,
-                         clip_skip=clip_skip)
-        timesteps = self.partial_timesteps(run.sampler, steps, strength)
-        nine_channels = self.unet.config.in_channels == 9
+        request = Request(prompt, negative_prompt, steps, guidance_scale, guidance_rescale, seed=seed,
+                          sampler=scheduler, batch_size=batch_size, prompt_syntax=prompt_syntax, clip_skip=clip_skip,
+                          strength=strength)
+        return self.generate(request, image, mask, mask_blur, keep_unmasked, progress)
 
-        # The generator is drawn in the reference's order: image latents (when needed), noise, masked-image latents.
-        known = None
-        if not nine_channels or strength < 1:
-            known = self.encode_image(pixels, run.generator).repeat(batch_size, 1, 1, 1)
-        noise = torch.randn(self.latent_shape(batch_size, *image.size), generator=run.generator, dtype=self.dtype)
-        noise = noise.to(self.device)
-        if strength < 1:
-            x = run.sampler.add_noise(known, noise, timesteps[:1].repeat(batch_size))
+    @torch.no_grad()
+    def generate(self, request: Request, image: ImageInput | None = None, mask: ImageInput | None = None,
+                 mask_blur: float = 0, keep_unmasked: bool = False, progress: Progress | None = None
+                 ) -> list[Image.Image]:
+        """txt2img, or img2img from `image`, or inpainting of `image` where `mask` is white; each image carries
+        its PNG parameters in info["parameters"]."""
+        if mask is not None:
+            image, mask = open_rgb(image), open_rgb(mask, what="mask").convert("L")
+            if mask.size != image.size:
+                raise UserError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is "
+                                f"{image.size[0]}x{image.size[1]}: give a mask of the image's size")
+            if not (isinstance(mask_blur, (int, float)) and 0 <= mask_blur <= max(mask.size)):
+                raise UserError(f"mask blur must be a radius from 0 to the image's larger side ({max(mask.size)} "
+                                f"pixels), not {mask_blur}")
+            if mask_blur > 0:
+                mask = mask.filter(ImageFilter.GaussianBlur(mask_blur))
+            image, mask = self.fit(image), self.fit(mask)
+        elif self.unet.config.in_channels != 4:
+            raise UserError("this is an inpainting checkpoint (9 input channels): use inpaint")
+        elif image is not None:
+            image = self.fit(open_rgb(image))
+        request = self.complete(request, image.size if image is not None else None)
+        generator = torch.Generator("cpu").manual_seed(request.seed)   # every random draw of the call comes from it
+        sampler = self.build_sampler(request.sampler, request.steps, inpainting=mask is not None)
+        context = self.encode_prompt(request)
+        if mask is not None:
+            x, timesteps, conditioning = self.start_inpainting(request, image, mask, sampler, generator)
+        elif image is not None:
+            x, timesteps, conditioning = self.start_img2img(request, image, sampler, generator)
         else:
-            x = noise * run.sampler.init_sigma
-        masked_latents = self.encode_image(pixels * (m < 0.5), run.generator).repeat(batch_size, 1, 1, 1)
-        latent_mask = F.interpolate(m, size=x.shape[-2:]).to(self.device, self.dtype).repeat(batch_size, 1, 1, 1)
-
-        if nine_channels:
-            x = self.denoise(x, run, timesteps, guidance_scale, progress,
-                             extra_channels=torch.cat([latent_mask, masked_latents], dim=1))
-        else:
-            x = self.denoise(x, run, timesteps, guidance_scale, progress, keep=(known, noise, latent_mask))
-        images = self.decode(x, run.parameters)
+            x, timesteps, conditioning = self.start_txt2img(request, sampler, generator)
+        for step in self.denoise(x, timesteps, sampler, context, request, generator, conditioning):
+            x = step.x
+            if progress:
+                progress(step.i + 1, step.total)
+        images = self.decode(x)
         if keep_unmasked:
             images = [paste_unmasked(generated, image, mask) for generated in images]
+        for i, generated in enumerate(images):
+            generated.info["parameters"] = self.parameters(request, i)
         return images
 
-    def start(self, prompt: str, negative_prompt: str, steps: int, guidance_scale: float, width: int, height: int,
-              seed: int | None, scheduler: str | None, batch_size: int, strength: float | None = None,
-              guidance_rescale: float = 0.0, inpainting: bool = False, prompt_syntax: str = "plain",
-              clip_skip: int = 1) -> "Run":
-        """Check the settings, seed the generator, build the sampler and encode the prompts (prompts.py)."""
-        sampler = scheduler or self.default_sampler
-        self.check(steps=steps, width=width, height=height, sampler=sampler, batch_size=batch_size)
-        if strength is not None and not 0 <= strength <= 1:
-            raise UserError(f"strength must be between 0 and 1, not {strength}")
-        check_settings(prompt, negative_prompt, guidance_scale, seed)
-        if not 0 <= guidance_rescale <= 1:
-            raise UserError(f"guidance rescale must be between 0 and 1, not {guidance_rescale}")
-        seed = random.randrange(2**32) if seed is None else seed
-        fields = {"Steps": steps, "Sampler": sampler, "CFG scale": guidance_scale, "Seed": seed,
-                  "Size": f"{width}x{height}", "Model hash": model_hash(self.model_file), "Model": self.name,
-                  "Denoising strength": strength, "Clip skip": clip_skip if clip_skip > 1 else None,
-                  "Guidance rescale": guidance_rescale or None}
-        return Run(sampler=self.build_sampler(sampler, steps, inpainting), guidance_rescale=guidance_rescale,
-                   generator=torch.Generator("cpu").manual_seed(seed),
-                   context=self.encode_prompt(prompt, negative_prompt, batch_size, guidance_scale,
-                                              prompt_syntax, clip_skip),
-                   parameters=generation_parameters(prompt, negative_prompt if guidance_scale > 1 else "", fields))
-
-    def check(self, steps: int, width: int, height: int, sampler: str, batch_size: int) -> None:
-        if sampler not in samplers.NAMES:
-            raise UserError(f"unknown scheduler {sampler!r}: choose one of {', '.join(samplers.NAMES)}")
-        if steps < 1:
-            raise UserError(f"steps must be at least 1, not {steps}")
-        if batch_size < 1:
-            raise UserError(f"batch size must be at least 1, not {batch_size}")
+    def complete(self, request: Request, image_size: tuple[int, int] | None) -> Request:
+        """The request with what depends on the model filled in (the sampler, the size: the image's, or the model's
+        own) and checked against it."""
+        own = (self.default_size if request.width is None else request.width,
+               self.default_size if request.height is None else request.height)
+        width, height = image_size or own
+        request = replace(request, sampler=request.sampler or self.default_sampler, width=width, height=height)
         for side, value in (("width", width), ("height", height)):
             if not isinstance(value, int) or value < self.vae_scale or value % self.vae_scale:
                 raise UserError(f"{side} must be a positive multiple of {self.vae_scale}, not {value}")
-        needed, available = self.working_memory(batch_size, width, height), available_memory()
+        needed, available = self.working_memory(request.batch_size, width, height), available_memory()
         if available is not None and needed > available:
-            raise UserError(f"{width}x{height} with batch size {batch_size} in {str(self.dtype).removeprefix('torch.')} "
-                            f"needs about {needed / GB:.1f} GB of working memory, and {available / GB:.1f} GB are "
-                            f"available: choose a smaller size or batch" + ("" if self.vae.tiling else
-                                                                            ", or use VAE tiling (--vae-tiling)"))
-
+            raise UserError(f"{width}x{height} with batch size {request.batch_size} in "
+                            f"{str(self.dtype).removeprefix('torch.')} needs about {needed / GB:.1f} GB of working "
+                            f"memory, and {available / GB:.1f} GB are available: choose a smaller size or batch"
+                            + ("" if self.vae_tiling else ", or use VAE tiling (--vae-tiling)"))
+        return request
     def working_memory(self, batch_size: int, width: int, height: int) -> int:
         """Bytes that the largest activations of a call take, roughly (the weights are memory-mapped, not counted):
         the VAE decoder at full resolution holds about six (B, 2 C0, H, W) tensors at once (C0 its first width; the
@@ -242,7 +256,7 @@ class Pipeline:
         tiling the VAE's side is its tile's."""
         item = self.dtype.itemsize
         vae_side = self.vae.config.sample_size
-        vae_pixels = min(width, vae_side) * min(height, vae_side) if self.vae.tiling else width * height
+        vae_pixels = min(width, vae_side) * min(height, vae_side) if self.vae_tiling else width * height
         vae = 6 * batch_size * 2 * self.vae.config.block_out_channels[0] * vae_pixels * item
         latents = (width // self.vae_scale) * (height // self.vae_scale)
         unet = 3 * 2 * batch_size * 8 * self.unet.config.block_out_channels[0] * latents * item
@@ -286,67 +300,105 @@ class Pipeline:
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(1, 3, H, W) pixels in [-1, 1] -> (1, 4, H/8, W/8) latents: a sample of the VAE's posterior, scaled."""
         vae_dtype = self.vae.upcast_for(self.dtype)
-        with streaming(self.vae):
-            posterior = self.vae.encode(pixels.to(self.device, vae_dtype))
+        with runtime.running(self.vae):
+            pixels = pixels.to(self.device, vae_dtype)
+            posterior = tiled_encode(self.vae, pixels) if self.vae_tiling else self.vae.encode(pixels)
         return self.vae.scale_latents(posterior.sample(generator)).to(self.dtype)
 
-    def encode_prompt(self, prompt: str, negative_prompt: str, batch_size: int, guidance_scale: float,
-                      prompt_syntax: str = "plain", clip_skip: int = 1) -> torch.Tensor:
+    # Each start_ gives x at the first timestep to run, the timesteps to run, and the conditioning beside the text.
+
+    def start_txt2img(self, request: Request, sampler: samplers.Sampler, generator: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Pure noise at the first of all timesteps."""
+        timesteps = sampler.set_timesteps(request.steps)
+        noise = torch.randn(self.latent_shape(request.batch_size, request.width, request.height),
+                            generator=generator, dtype=self.dtype)
+        return noise.to(self.device) * sampler.init_sigma, timesteps, None
+
+    def start_img2img(self, request: Request, image: Image.Image, sampler: samplers.Sampler,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """The image's latents noised to the first of the last strength * steps timesteps."""
+        timesteps = self.partial_timesteps(sampler, request.steps, request.strength)
+        x0 = self.encode_image(to_tensor(image), generator).repeat(request.batch_size, 1, 1, 1)
+        noise = torch.randn(x0.shape, generator=generator, dtype=self.dtype).to(self.device)
+        return sampler.add_noise(x0, noise, timesteps[:1].repeat(request.batch_size)), timesteps, None
+
+    def start_inpainting(self, request: Request, image: Image.Image, mask: Image.Image, sampler: samplers.Sampler,
+                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+        """Noise (strength 1) or the image's latents noised, and the conditioning of the UNet's kind."""
+        pixels = to_tensor(image)                                                  # (1, 3, H, W) in [-1, 1]
+        m = (torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255) >= 0.5).float()[None, None]  # (1, 1, H, W)
+        if not m.any():
+            raise UserError("the mask is all black: nothing to repaint (white marks the region to repaint)")
+        batch, strength = request.batch_size, request.strength
+        timesteps = self.partial_timesteps(sampler, request.steps, strength)
+        nine_channels = self.unet.config.in_channels == 9
+        # The generator is drawn in the reference's order: image latents (when needed), noise, masked-image latents.
+        known = None
+        if not nine_channels or strength < 1:
+            known = self.encode_image(pixels, generator).repeat(batch, 1, 1, 1)
+        noise = torch.randn(self.latent_shape(batch, *image.size), generator=generator, dtype=self.dtype)
+        noise = noise.to(self.device)
+        if strength < 1:
+            x = sampler.add_noise(known, noise, timesteps[:1].repeat(batch))
+        else:
+            x = noise * sampler.init_sigma
+        masked_latents = self.encode_image(pixels * (m < 0.5), generator).repeat(batch, 1, 1, 1)
+        latent_mask = F.interpolate(m, size=x.shape[-2:]).to(self.device, self.dtype).repeat(batch, 1, 1, 1)
+        if nine_channels:
+            return x, timesteps, MaskedImage(latent_mask, masked_latents)
+        return x, timesteps, KnownRegion(known, noise, latent_mask)
+
+    def encode_prompt(self, request: Request) -> torch.Tensor:
         """(2B, 77*k, D): B copies of the negative prompt's context, then B of the prompt's; (B, 77*k, D) without
         guidance (prompts.py; k > 1 for long a1111 prompts)."""
-        negative = (negative_prompt or "") if guidance_scale > 1 else None
-        context = encode_prompts(self.tokenizer, self.text_encoder, prompt, negative, batch_size, prompt_syntax,
-                                 clip_skip)
-        release(self.text_encoder)  # after both prompts: streaming would read its pages back for the second one
-        return context
+        negative = request.negative_prompt if request.guided else None
+        with runtime.running(self.text_encoder):
+            return encode_prompts(self.tokenizer, self.text_encoder, request.text, negative, request.batch_size,
+                                  request.prompt_syntax, request.clip_skip)
 
-    def denoise(self, x: torch.Tensor, run: "Run", timesteps: torch.Tensor, guidance_scale: float,
-                progress: Progress | None, extra_channels: torch.Tensor | None = None,
-                keep: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """The loop: x_t -> x_0 in latent space.
-
-        extra_channels  (B, 5, h, w) mask and masked-image latents, put beside x for a 9-channel inpainting UNet
-        keep            (image latents, noise, mask) of 4-channel inpainting: outside the mask, x is set back to
-                        the image's latents noised to the next timestep after each step
-        """
-        guided = guidance_scale > 1
-        pack_convolutions(self.unet, self.packed_convolutions)  # weights reordered for oneDNN once, not every step
-        with streaming(self.unet):
+    def denoise(self, x: torch.Tensor, timesteps: torch.Tensor, sampler: samplers.Sampler, context: torch.Tensor,
+                request: Request, generator: torch.Generator, conditioning: Conditioning | None = None
+                ) -> Iterator[Step]:
+        """The loop, x_t -> x_0 in latent space, yielding after each step (the caller may stop at any)."""
+        conditioning = conditioning or Conditioning()
+        extra = conditioning.extra_channels()
+        if extra is not None and request.guided:
+            extra = torch.cat([extra, extra])
+        with runtime.running(self.unet, self.packed_convolutions):
             for i, t in enumerate(timesteps):
-                x_in = run.sampler.scale_input(torch.cat([x, x]) if guided else x, t)
-                if extra_channels is not None:
-                    x_in = torch.cat([x_in, torch.cat([extra_channels] * 2) if guided else extra_channels], dim=1)
-                out = self.unet(x_in, t, run.context)
-                if guided:
+                x_in = sampler.scale_input(torch.cat([x, x]) if request.guided else x, t)
+                out = self.unet(x_in if extra is None else torch.cat([x_in, extra], dim=1), t, context)
+                if request.guided:
                     uncond, cond = out.chunk(2)
-                    out = uncond + guidance_scale * (cond - uncond)
-                    if run.guidance_rescale > 0:
-                        out = rescale_guidance(out, cond, run.guidance_rescale)
-                x = run.sampler.step(out, t, x, run.generator)
-                if keep is not None:
-                    known, noise, mask = keep
-                    if i < len(timesteps) - 1:
-                        known = run.sampler.add_noise(known, noise, timesteps[i + 1:i + 2])
-                    x = (1 - mask) * known + mask * x
+                    out = uncond + request.guidance_scale * (cond - uncond)
+                    if request.guidance_rescale > 0:
+                        out = rescale_guidance(out, cond, request.guidance_rescale)
+                x0 = predicted_x0(sampler, out, x_in[:len(x)], t)
+                x = sampler.step(out, t, x, generator)
+                x = conditioning.after_step(x, i, timesteps, sampler)
                 self.check_finite(x, f"the latents after step {i + 1} of {len(timesteps)}")
-                if progress:
-                    progress(i + 1, len(timesteps))
-        return x
+                yield Step(i, len(timesteps), t, x, x0)
 
-    def decode(self, x: torch.Tensor, parameters: str) -> list[Image.Image]:
+    def decode(self, x: torch.Tensor) -> list[Image.Image]:
         """Latents -> uint8 RGB images, rounded as the reference rounds them."""
-        with streaming(self.vae):
+        with runtime.running(self.vae):
             z = self.vae.unscale_latents(x).to(self.vae.upcast_for(self.dtype))
-            pixels = self.vae.decode(z)                                        # (B, 3, H, W) in [-1, 1]
+            pixels = tiled_decode(self.vae, z) if self.vae_tiling else self.vae.decode(z)   # (B, 3, H, W) in [-1, 1]
         self.check_finite(pixels, "the decoded image")
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-        images = []
-        for i, array in enumerate((pixels * 255).round().astype(np.uint8)):
-            image = Image.fromarray(array)
-            batch = f", Batch size: {len(pixels)}, Batch pos: {i}" if len(pixels) > 1 else ""
-            image.info["parameters"] = parameters + batch
-            images.append(image)
-        return images
+        return [Image.fromarray(array) for array in (pixels * 255).round().astype(np.uint8)]
+
+    def parameters(self, request: Request, i: int = 0) -> str:
+        """The PNG "parameters" text of the i-th image of a completed request, as A1111 writes it: the request's
+        settings, then the model's file hash and name, and the hashes of the LoRAs merged and of the embeddings the
+        prompts call."""
+        model = {"Model hash": model_hash(self.model_file), "Model": self.name,
+                 "Lora hashes": hash_list({path.stem: lora_hash(path) for path in self.loras}),
+                 "TI hashes": hash_list({token: embedding_hash(path) for token, path in self.embeddings.items()
+                                         if calls(token, request)})}
+        batch = f", Batch size: {request.batch_size}, Batch pos: {i}" if request.batch_size > 1 else ""
+        return request.parameters(model) + batch
 
     def check_finite(self, x: torch.Tensor, what: str) -> None:
         """Stop at the first NaN or infinity, which would otherwise end as a black image."""
@@ -356,24 +408,27 @@ class Pipeline:
             raise UserError(f"{what} hold NaN or infinite values: {cause}")
 
 
-def check_settings(prompt: str, negative_prompt: str, guidance_scale: float, seed: int | None) -> None:
-    """Refuse what the loop would silently replace or turn into garbage."""
-    check_text("prompt", prompt)
-    check_text("negative prompt", negative_prompt)
-    if not (isinstance(guidance_scale, (int, float)) and 0 <= guidance_scale < math.inf):
-        raise UserError(f"guidance scale must be a finite number of 0 or more (1 or less: unguided), "
-                        f"not {guidance_scale}")
-    if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
-        raise UserError(f"seed must be an integer from 0 to 2**64 - 1, not {seed}")
+def predicted_x0(sampler: samplers.Sampler, model_output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+    """The clean latents that the model's output at the sampler's current step implies, for x_t (the UNet's input)
+    = alpha x_0 + sigma eps: the samplers that step through sigmas hold them, the others alpha_bar at t."""
+    if sampler.steps_through_sigmas:
+        alpha, sigma = alpha_sigma(sampler.sigmas[sampler.i])
+    else:
+        alpha_bar = sampler.alphas_cumprod[int(t)]
+        alpha, sigma = alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5
+    return x0_from(sampler.cfg.prediction_type, model_output, x_t, alpha.to(x_t), sigma.to(x_t))
 
 
-def check_text(what: str, text: str) -> None:
-    if not isinstance(text, str):
-        raise UserError(f"the {what} must be text, not {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:   # bytes that were not UTF-8 in argv arrive as lone surrogates
-        raise UserError(f"the {what} is not valid UTF-8 text: {text.encode('utf-8', 'replace')[:60]!r}") from None
+def calls(token: str, request: Request) -> bool:
+    """Whether the prompt or the (used) negative prompt names the embedding's token (case-insensitive, as matched)."""
+    texts = [request.text] + ([request.negative_prompt] if request.guided else [])
+    return any(re.search(rf"(?<![\w-]){re.escape(token.lower())}(?![\w-])", text.lower()) for text in texts)
+
+
+def hash_list(hashes: dict[str, str | None]) -> str | None:
+    """A1111's "Lora hashes" / "TI hashes" value: `name: hash, name: hash`, the names without `:` and `,`."""
+    entries = [f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in hashes.items() if digest]
+    return ", ".join(entries) or None
 
 
 def available_memory() -> int | None:

@@ -9,6 +9,25 @@ by a spatial transformer whose cross-attention reads the text encoder's output.
                                    |  each leaves skips    ^ each consumes skips, deepest first
                                    +-----------------------+
 
+SD 1.5 (a 512x512 image: 64x64 latents; "attn": a spatial transformer after each resnet; "skips": the activations a
+block leaves, each read by one resnet of the decoder, which concatenates it to its input, last in first out; an up
+block's resnet reads the block's input or the previous resnet's output + a skip):
+
+    block            resnets (in -> out channels)                 attn   resolution   skips left / taken
+    conv_in          4 -> 320                                            64           320
+    down_blocks.0    320 -> 320, 320 -> 320                       yes    64 -> 32     320, 320, 320 (downsampled)
+    down_blocks.1    320 -> 640, 640 -> 640                       yes    32 -> 16     640, 640, 640
+    down_blocks.2    640 -> 1280, 1280 -> 1280                    yes    16 -> 8      1280, 1280, 1280
+    down_blocks.3    1280 -> 1280, 1280 -> 1280                   no     8            1280, 1280
+    mid_block        1280 -> 1280, transformer, 1280 -> 1280             8
+    up_blocks.0      1280+1280, 1280+1280, 1280+1280 -> 1280      no     8 -> 16      takes 1280, 1280, 1280
+    up_blocks.1      1280+1280, 1280+1280, 1280+640 -> 1280       yes    16 -> 32     takes 1280, 1280, 640
+    up_blocks.2      1280+640, 640+640, 640+320 -> 640            yes    32 -> 64     takes 640, 640, 320
+    up_blocks.3      640+320, 320+320, 320+320 -> 320             yes    64           takes 320, 320, 320
+    conv_out         320 -> 4 (after GroupNorm and SiLU)
+
+SD 2.x has the same widths (heads of 64 channels, linear projections, a 1024-wide text context).
+
 Attribute names are diffusers' state-dict keys (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight`),
 so a diffusers unet/ folder loads as it is; formats/ldm.py renames the original single-file keys.
 """
@@ -22,7 +41,6 @@ from torch import nn
 from .attention import attention
 from .config import ACTIVATIONS, ConfigFile, show
 from .errors import UserError
-from .onednn import Conv2d
 
 
 # The values of config.json keys that sdlite has no code for and that change nothing at these values (the reference's
@@ -226,7 +244,7 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(self.act(self.linear_1(t_emb)))
 
 
-class ResnetBlock(nn.Module):
+class UNetResnetBlock(nn.Module):
     """Two 3x3 convs with a residual (He et al. 2016), the time embedding added in between (DDPM's resnet block);
     the sum divided by `output_scale` (1 in SD)."""
 
@@ -235,19 +253,18 @@ class ResnetBlock(nn.Module):
         groups, eps = cfg.norm_num_groups, cfg.norm_eps
         self.act, self.output_scale = ACTIVATIONS[cfg.act_fn], output_scale
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(cfg.time_embed_dim, out_channels)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        # in place where a tensor has no other use: fewer large allocations, the same numbers
-        h = self.conv1(self.act(self.norm1(x), inplace=True))
-        h += self.time_emb_proj(self.act(emb))[:, :, None, None]
-        h = self.conv2(self.act(self.norm2(h), inplace=True))
-        h = h.add_(self.conv_shortcut(x))
-        return h if self.output_scale == 1 else h.div_(self.output_scale)
+        h = self.conv1(self.act(self.norm1(x)))
+        h = h + self.time_emb_proj(self.act(emb))[:, :, None, None]
+        h = self.conv2(self.act(self.norm2(h)))
+        h = h + self.conv_shortcut(x)
+        return h if self.output_scale == 1 else h / self.output_scale
 
 
 class Attention(nn.Module):
@@ -318,12 +335,12 @@ class SpatialTransformer(nn.Module):
         channels = cfg.block_out_channels[level]
         self.linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(cfg.norm_num_groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, channels) if self.linear else Conv2d(channels, channels, 1)
+        self.proj_in = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(channels, cfg.heads[level], cfg.cross_attention_dim[level], cfg.upcast_attention,
                              cfg.only_cross_attention[level])
             for _ in range(cfg.transformer_depth[level]))
-        self.proj_out = nn.Linear(channels, channels) if self.linear else Conv2d(channels, channels, 1)
+        self.proj_out = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -344,32 +361,32 @@ class SpatialTransformer(nn.Module):
         return out + x
 
 
-class Downsample(nn.Module):
+class UNetDownsample(nn.Module):
     """Halves height and width with a stride-2 3x3 convolution, the input padded by `padding` on every side, or with
     padding 0 on the right and the bottom only (as LDM's VAE)."""
 
     def __init__(self, channels: int, padding: int):
         super().__init__()
         self.asymmetric = padding == 0
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)   # padding 1: h -> ceil(h / 2)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)   # padding 1: h -> ceil(h / 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
 
 
-class Upsample(nn.Module):
+class UNetUpsample(nn.Module):
     """Nearest-neighbour upsampling, then a 3x3 convolution."""
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
         """To `size`, that of the skip met next: twice x's, or one less where the skip is odd (5 -> 9)."""
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
-class DownBlock(nn.Module):
+class UNetDownBlock(nn.Module):
     """One encoder level: resnets (each followed by a transformer at attention levels), then a stride-2 conv
     except at the deepest level. Every output is kept as a skip."""
 
@@ -377,11 +394,12 @@ class DownBlock(nn.Module):
         super().__init__()
         out = cfg.block_out_channels[level]
         n = cfg.layers_per_block[level]
-        self.resnets = nn.ModuleList(ResnetBlock(cfg, in_channels if i == 0 else out, out, 1.0) for i in range(n))
+        self.resnets = nn.ModuleList(
+            UNetResnetBlock(cfg, in_channels if i == 0 else out, out, 1.0) for i in range(n))
         self.attentions = nn.ModuleList(
             SpatialTransformer(cfg, level) for _ in range(n if cfg.attention_levels[level] else 0))
         deepest = level == len(cfg.block_out_channels) - 1
-        self.downsamplers = nn.ModuleList([] if deepest else [Downsample(out, cfg.downsample_padding)])
+        self.downsamplers = nn.ModuleList([] if deepest else [UNetDownsample(out, cfg.downsample_padding)])
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -397,7 +415,7 @@ class DownBlock(nn.Module):
         return x, skips
 
 
-class UpBlock(nn.Module):
+class UNetUpBlock(nn.Module):
     """One decoder level: the level's layers_per_block + 1 resnets, each on its input concatenated with a skip (then a
     transformer at attention levels), then a 2x upsampling except at the top level."""
 
@@ -406,10 +424,10 @@ class UpBlock(nn.Module):
         out = cfg.block_out_channels[level]
         n = len(skip_channels)
         self.resnets = nn.ModuleList(
-            ResnetBlock(cfg, (in_channels if i == 0 else out) + skip_channels[i], out, 1.0) for i in range(n))
+            UNetResnetBlock(cfg, (in_channels if i == 0 else out) + skip_channels[i], out, 1.0) for i in range(n))
         self.attentions = nn.ModuleList(
             SpatialTransformer(cfg, level) for _ in range(n if cfg.up_attention_levels[level] else 0))
-        self.upsamplers = nn.ModuleList([] if level == 0 else [Upsample(out)])
+        self.upsamplers = nn.ModuleList([] if level == 0 else [UNetUpsample(out)])
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor,
                 context: torch.Tensor) -> torch.Tensor:
@@ -423,14 +441,14 @@ class UpBlock(nn.Module):
         return x
 
 
-class MidBlock(nn.Module):
+class UNetMidBlock(nn.Module):
     """resnet, transformer, resnet at the deepest level."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         channels = cfg.block_out_channels[-1]
         self.resnets = nn.ModuleList(
-            ResnetBlock(cfg, channels, channels, cfg.mid_block_scale_factor) for _ in range(2))
+            UNetResnetBlock(cfg, channels, channels, cfg.mid_block_scale_factor) for _ in range(2))
         self.attentions = nn.ModuleList([SpatialTransformer(cfg, -1)])
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -446,27 +464,27 @@ class UNet(nn.Module):
         channels = config.block_out_channels
         self.time_embedding = TimestepEmbedding(channels[0], config.time_embed_dim, config.act_fn)
         k = config.conv_in_kernel
-        self.conv_in = Conv2d(config.in_channels, channels[0], k, padding=(k - 1) // 2)
+        self.conv_in = nn.Conv2d(config.in_channels, channels[0], k, padding=(k - 1) // 2)
 
         self.down_blocks = nn.ModuleList()
         skip_channels = [channels[0]]   # of every skip the encoder leaves, in order: conv_in's, then each block's
         for level, out in enumerate(channels):
-            block = DownBlock(config, level, channels[max(level - 1, 0)])
+            block = UNetDownBlock(config, level, channels[max(level - 1, 0)])
             self.down_blocks.append(block)
             skip_channels += [out] * (len(block.resnets) + len(block.downsamplers))
 
-        self.mid_block = MidBlock(config) if config.mid_block else None
+        self.mid_block = UNetMidBlock(config) if config.mid_block else None
 
         self.up_blocks = nn.ModuleList()
         for level in reversed(range(len(channels))):
             n = config.layers_per_block[level] + 1   # skips this decoder level takes
             skip_channels, taken = skip_channels[:-n], skip_channels[-n:][::-1]   # the decoder takes them last first
             in_channels = channels[min(level + 1, len(channels) - 1)]            # the deeper level's, or the mid's
-            self.up_blocks.append(UpBlock(config, level, in_channels, taken))
+            self.up_blocks.append(UNetUpBlock(config, level, in_channels, taken))
 
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         k = config.conv_out_kernel
-        self.conv_out = Conv2d(channels[0], config.out_channels, k, padding=(k - 1) // 2)
+        self.conv_out = nn.Conv2d(channels[0], config.out_channels, k, padding=(k - 1) // 2)
 
     def forward(self, x: torch.Tensor, t: float | int | torch.Tensor, context: torch.Tensor,
                 down_residuals: list[torch.Tensor] | None = None, mid_residual: torch.Tensor | None = None
@@ -494,5 +512,5 @@ class UNet(nn.Module):
             x = x + mid_residual
         for block in self.up_blocks:
             x = block(x, skips, emb, context)
-        return self.conv_out(ACTIVATIONS[c.act_fn](self.conv_norm_out(x), inplace=True))
+        return self.conv_out(ACTIVATIONS[c.act_fn](self.conv_norm_out(x)))
 

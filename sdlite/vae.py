@@ -7,6 +7,23 @@ Variational Bayes"). A mirrored decoder D maps a latent z back to pixels. Images
 L = len(block_out_channels) levels, an H x W image has latents of about H / 2^(L-1) x W / 2^(L-1): H/8 x W/8 in SD.
 The pipeline brings latents to roughly unit variance with `scale_latents` (and back with `unscale_latents`).
 
+SD 1.5 (a 512x512 image, 64x64 latents; each resnet in -> out channels):
+
+    encoder.conv_in          3 -> 128                                        512
+    encoder.down_blocks.0    128 -> 128, 128 -> 128                          512 -> 256
+    encoder.down_blocks.1    128 -> 256, 256 -> 256                          256 -> 128
+    encoder.down_blocks.2    256 -> 512, 512 -> 512                          128 -> 64
+    encoder.down_blocks.3    512 -> 512, 512 -> 512                          64
+    encoder.mid_block        512 -> 512, attention, 512 -> 512               64
+    encoder.conv_out         512 -> 8 (mean and log-variance), quant_conv 8 -> 8
+    post_quant_conv 4 -> 4, decoder.conv_in 4 -> 512                         64
+    decoder.mid_block        512 -> 512, attention, 512 -> 512               64
+    decoder.up_blocks.0      512 -> 512, 512 -> 512, 512 -> 512              64 -> 128
+    decoder.up_blocks.1      512 -> 512, 512 -> 512, 512 -> 512              128 -> 256
+    decoder.up_blocks.2      512 -> 256, 256 -> 256, 256 -> 256              256 -> 512
+    decoder.up_blocks.3      256 -> 128, 128 -> 128, 128 -> 128              512
+    decoder.conv_out         128 -> 3 (after GroupNorm and SiLU)
+
 Module names equal the keys of diffusers' AutoencoderKL state dict. formats/ldm.py renames the original
 CompVis single-file layout.
 """
@@ -20,14 +37,6 @@ import torch.nn.functional as F
 from .attention import attention
 from .config import ACTIVATIONS, ConfigFile, show
 from .errors import UserError
-
-# Both directions run in the channels-last memory layout (N, H, W, C in memory; the shapes stay N, C, H, W), which
-# every layer here keeps. On the CPU, oneDNN's convolutions take it as it is, where each convolution of an NCHW tensor
-# costs two reorders of its activations: a 512x512 decode is 13 % faster in fp32 and 15 % in bf16. The sums in the
-# convolutions then run in another order than in diffusers (NCHW up to the mid-block): the results agree to float
-# rounding (about 2e-5 relative at full size in fp32), no longer bit for bit.
-CHANNELS_LAST = torch.channels_last
-
 
 # The keys VAEConfig.from_json reads (down/up_block_types only to check they are the one kind sdlite implements),
 # and those it refuses unless they hold these values.
@@ -52,7 +61,7 @@ class VAEConfig:
     shift_factor: float | None = None  # SD3's: latents = scaling_factor * (z - shift_factor)
     latents_mean: tuple[float, ...] | None = None  # SDXL's: latents = scaling_factor * (z - mean) / std, per channel
     latents_std: tuple[float, ...] | None = None
-    sample_size: int = 512  # the image side it was trained at; with tiling on, the side of a tile
+    sample_size: int = 512  # the image side it was trained at; the side of a tile in tiling.py
     force_upcast: bool = True  # a float16 pipeline runs this VAE in float32 (as diffusers' SDXL pipelines do)
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
@@ -151,7 +160,7 @@ class DiagonalGaussian:
         return self.mean
 
 
-class ResnetBlock(nn.Module):
+class VAEResnetBlock(nn.Module):
     """Residual block with pre-activation (He et al. 2016): x + conv(silu(norm(conv(silu(norm(x))))))."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int, act_fn: str):
@@ -165,11 +174,10 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in place where a tensor has no other use: fewer large allocations (of up to 270 MB), the same numbers
-        h = self.conv1(self.act(self.norm1(x), inplace=True))
-        h = self.conv2(self.act(self.norm2(h), inplace=True))
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.act(self.norm2(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return h.add_(skip)
+        return h + skip
 
 
 class AttentionBlock(nn.Module):
@@ -190,7 +198,7 @@ class AttentionBlock(nn.Module):
         return x + self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
 
 
-class Downsample(nn.Module):
+class VAEDownsample(nn.Module):
     """Halves height and width with a stride-2 3x3 convolution. As in LDM, the input is padded on the right and the
     bottom only, so an input h high gives h // 2."""
 
@@ -202,7 +210,7 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class Upsample(nn.Module):
+class VAEUpsample(nn.Module):
     """Doubles height and width: nearest-neighbour upsampling, then a 3x3 convolution."""
 
     def __init__(self, channels: int):
@@ -215,37 +223,37 @@ class Upsample(nn.Module):
 
 def resnet_chain(in_channels: int, out_channels: int, layers: int, groups: int, act_fn: str) -> nn.Sequential:
     """`layers` resnets in a row, the first of which changes the width."""
-    return nn.Sequential(*(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
+    return nn.Sequential(*(VAEResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
                            for i in range(layers)))
 
 
-class DownBlock(nn.Sequential):
+class EncoderBlock(nn.Sequential):
     """One encoder level, run in order: resnets at one resolution, then a downsample (none at the last level)."""
 
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, act_fn: str, downsample: bool):
         super().__init__(OrderedDict(
             resnets=resnet_chain(in_channels, out_channels, layers, groups, act_fn),
-            downsamplers=nn.Sequential(Downsample(out_channels)) if downsample else nn.Sequential()))
+            downsamplers=nn.Sequential(VAEDownsample(out_channels)) if downsample else nn.Sequential()))
 
 
-class UpBlock(nn.Sequential):
+class DecoderBlock(nn.Sequential):
     """One decoder level, run in order: resnets at one resolution, then an upsample (none at the last level)."""
 
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, act_fn: str, upsample: bool):
         super().__init__(OrderedDict(
             resnets=resnet_chain(in_channels, out_channels, layers, groups, act_fn),
-            upsamplers=nn.Sequential(Upsample(out_channels)) if upsample else nn.Sequential()))
+            upsamplers=nn.Sequential(VAEUpsample(out_channels)) if upsample else nn.Sequential()))
 
 
-class MidBlock(nn.Module):
+class VAEMidBlock(nn.Module):
     """resnet, self-attention, resnet: at the lowest resolution, the only place where attention is used (unless the
     config says mid_block_add_attention false: then resnet, resnet)."""
 
     def __init__(self, config: VAEConfig, channels: int):
         super().__init__()
         groups, act_fn = config.norm_num_groups, config.act_fn
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups, act_fn),
-                                      ResnetBlock(channels, channels, groups, act_fn)])
+        self.resnets = nn.ModuleList([VAEResnetBlock(channels, channels, groups, act_fn),
+                                      VAEResnetBlock(channels, channels, groups, act_fn)])
         self.attentions = nn.ModuleList([AttentionBlock(channels, groups)] if config.mid_block_add_attention else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -263,9 +271,9 @@ class Encoder(nn.Module):
         widths, groups, act_fn = config.block_out_channels, config.norm_num_groups, config.act_fn
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            DownBlock(c_in, c_out, config.layers_per_block, groups, act_fn, downsample=i < len(widths) - 1)
+            EncoderBlock(c_in, c_out, config.layers_per_block, groups, act_fn, downsample=i < len(widths) - 1)
             for i, (c_in, c_out) in enumerate(zip(widths[:1] + widths[:-1], widths)))
-        self.mid_block = MidBlock(config, widths[-1])
+        self.mid_block = VAEMidBlock(config, widths[-1])
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
 
@@ -274,7 +282,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))   # silu whatever act_fn says, as diffusers
+        return self.conv_out(F.silu(self.conv_norm_out(x)))   # silu whatever act_fn says, as diffusers
 
 
 class Decoder(nn.Module):
@@ -284,9 +292,9 @@ class Decoder(nn.Module):
         super().__init__()
         widths, groups, act_fn = config.block_out_channels[::-1], config.norm_num_groups, config.act_fn  # lowest first
         self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
-        self.mid_block = MidBlock(config, widths[0])
+        self.mid_block = VAEMidBlock(config, widths[0])
         self.up_blocks = nn.ModuleList(
-            UpBlock(c_in, c_out, config.layers_per_block + 1, groups, act_fn, upsample=i < len(widths) - 1)
+            DecoderBlock(c_in, c_out, config.layers_per_block + 1, groups, act_fn, upsample=i < len(widths) - 1)
             for i, (c_in, c_out) in enumerate(zip(widths[:1] + widths[:-1], widths)))
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], config.out_channels, 3, padding=1)
@@ -295,7 +303,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))   # silu whatever act_fn says, as diffusers
+        return self.conv_out(F.silu(self.conv_norm_out(x)))   # silu whatever act_fn says, as diffusers
 
 
 class AutoencoderKL(nn.Module):
@@ -310,9 +318,6 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else nn.Identity()
         self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_post_quant_conv else nn.Identity()
         self.decoder = Decoder(config)
-        # Images larger than config.sample_size on a side go through in tiles (see `tiled`): memory bounded by one
-        # tile instead of growing with the image, at the price of results that differ from the untiled ones.
-        self.tiling = False
 
     def upcast_for(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype this VAE runs in within a pipeline of `dtype`: float32 for float16 if the config says
@@ -343,46 +348,13 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """q(z|x) for images x (B, C, H, W) in [-1, 1]."""
-        tile = self.config.sample_size
-        if self.tiling and max(x.shape[2:]) > tile:
-            return DiagonalGaussian(tiled(self.moments, x, tile, tile // self.config.downscale))
         return DiagonalGaussian(self.moments(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images in about [-1, 1] for latents z (B, latent_channels, h, w), not scaled by scaling_factor."""
-        tile = self.config.sample_size // self.config.downscale
-        if self.tiling and max(z.shape[2:]) > tile:
-            return tiled(self.pixels, z, tile, self.config.sample_size)
-        return self.pixels(z)
+        return self.decoder(self.post_quant_conv(z))
 
     def moments(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(self.encoder(x.contiguous(memory_format=CHANNELS_LAST)))
-
-    def pixels(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z.contiguous(memory_format=CHANNELS_LAST)))
-
-
-def tiled(f, x: torch.Tensor, tile: int, out_tile: int) -> torch.Tensor:
-    """f(x) computed on overlapping tile x tile pieces of x, blended back together, as diffusers' AutoencoderKL does
-    with tiling enabled (and A1111 and ComfyUI offer): a tile starts every 3/4 tile; each output tile (out_tile
-    square) fades in linearly over its first quarter from the tiles above and to its left, and keeps its first 3/4.
-    Tiles see no context beyond their borders, so the result differs from f(x) near the seams."""
-    stride, blend = tile * 3 // 4, out_tile // 4
-    rows = [[f(x[:, :, i:i + tile, j:j + tile]) for j in range(0, x.shape[3], stride)]
-            for i in range(0, x.shape[2], stride)]
-    for i, row in enumerate(rows):
-        for j, out in enumerate(row):
-            if i > 0:
-                fade_in(out, rows[i - 1][j], blend, dim=2)
-            if j > 0:
-                fade_in(out, row[j - 1], blend, dim=3)
-    keep = out_tile - blend
-    return torch.cat([torch.cat([out[:, :, :keep, :keep] for out in row], dim=3) for row in rows], dim=2)
-
-
-def fade_in(b: torch.Tensor, a: torch.Tensor, n: int, dim: int) -> None:
-    """In place: the first n rows (dim 2) or columns (dim 3) of b go linearly from a's last n to b's own."""
-    n = min(a.shape[dim], b.shape[dim], n)
-    for k in range(n):
-        b.select(dim, k).copy_(a.select(dim, k - n) * (1 - k / n) + b.select(dim, k) * (k / n))
+        """The posterior's mean and log-variance stacked: (B, 2 * latent_channels, h, w)."""
+        return self.quant_conv(self.encoder(x))
 

@@ -33,7 +33,8 @@ def test_single_file_and_folder_hold_the_same_weights(checkpoints, family):
 
 def test_families_are_told_apart(checkpoints):
     sd1, sd2 = sdlite.load(checkpoints / "sd1.safetensors"), sdlite.load(checkpoints / "sd2.safetensors")
-    assert (sd1.family, sd2.family) == ("sd1", "sd2")
+    # the family decides what a single file does not say: the schedule and the image size
+    assert (sd1.default_sampler, sd2.default_sampler, sd1.default_size, sd2.default_size) == ("pndm", "ddim", 512, 768)
     assert sd1.text_encoder.config.hidden_act == "quick_gelu" and sd2.text_encoder.config.hidden_act == "gelu"
     assert sd1.unet.config.use_linear_projection is False and sd2.unet.config.use_linear_projection is True
     # SD 1.x pads prompts with end-of-text, SD 2.x with id 0
@@ -107,7 +108,7 @@ def test_hub_id_is_downloaded_with_huggingface_hub(checkpoints, monkeypatch):
     pipe = sdlite.load("someone/tiny-sd")
     repo_id, patterns = asked[0]
     assert repo_id == "someone/tiny-sd" and "*/diffusion_pytorch_model.safetensors" in patterns
-    assert pipe.family == "sd1"
+    assert pipe.text_encoder.config.hidden_act == "quick_gelu"   # the sd1 folder it downloaded
 
 
 def test_hub_failure_is_one_clear_line(monkeypatch):

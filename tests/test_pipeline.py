@@ -8,10 +8,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 
 import sdlite
-from sdlite import onednn
+from sdlite import runtime
 
 from conftest import FIXTURES
 
@@ -76,12 +77,15 @@ def test_packed_and_plain_convolutions_both_give_the_reference_images(checkpoint
     name = next(n for n, c in CASES.items() if c["kind"] == "txt2img" and c["family"] == "sd1")
     c = CASES[name]
     pipe = sdlite.load(checkpoints / "sd1")
-    convs = [m for m in pipe.unet.modules() if isinstance(m, onednn.Conv2d)]
+    convs = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)]
     for packed in (True, False):
         pipe.packed_convolutions = packed
         images = pipe.txt2img(c["prompt"], width=c["width"], height=c["height"], **settings(c))
         assert_same_images(images, REFERENCE[name])
-        assert all((conv.packed is not None) == (packed and onednn.AVAILABLE) for conv in convs)
+        if packed and runtime.AVAILABLE:
+            assert all(isinstance(conv, runtime.PackedConv2d) and conv.packed is not None for conv in convs)
+        else:
+            assert all(type(conv) is torch.nn.Conv2d for conv in convs)
 
 
 def test_a_seed_means_one_image_and_another_seed_another(checkpoints):
@@ -129,3 +133,29 @@ def test_bf16_runs_every_task(checkpoints, scheduler):
               pipe.img2img("a castle", INPUTS / "init.png", strength=0.7, **settings)[0],
               pipe.inpaint("a cat", INPUTS / "init.png", INPUTS / "mask.png", strength=0.7, **settings)[0]]
     assert [image.size for image in images] == [(56, 40)] * 3
+
+
+def test_the_loop_yields_each_step_and_stops_when_the_caller_does(checkpoints):
+    """Pipeline.denoise yields one Step per timestep; the last one's x is what txt2img decodes. Euler's last step
+    (to sigma 0) lands on the step's predicted x_0, x - sigma eps: Step.x0 is that prediction. Stopping early leaves
+    the UNet as it was before the loop (the runtime's hooks are gone)."""
+    pipe = pipeline(checkpoints, "sd1", "folder")
+    request = pipe.complete(sdlite.Request("a castle", steps=4, width=40, height=32, seed=5, sampler="euler"), None)
+
+    def loop():
+        sampler = pipe.build_sampler(request.sampler, request.steps, inpainting=False)
+        generator = torch.Generator().manual_seed(request.seed)
+        context = pipe.encode_prompt(request)
+        x, timesteps, _ = pipe.start_txt2img(request, sampler, generator)
+        return pipe.denoise(x, timesteps, sampler, context, request, generator)
+    with torch.no_grad():
+        steps = list(loop())
+        assert [(s.i, s.total) for s in steps] == [(i, 4) for i in range(4)]
+        image = pipe.decode(steps[-1].x)[0]
+        first = next(iter(loop()))                      # one step, then the generator is dropped
+    assert np.array_equal(np.asarray(image), np.asarray(pipe.generate(request)[0]))
+    # x0 - x_last is fp32 rounding of x + (x - x0) / sigma * (0 - sigma): a few ulps of values of order 1
+    torch.testing.assert_close(steps[-1].x, steps[-1].x0, rtol=0, atol=1e-5)
+    assert torch.equal(first.x, steps[0].x)
+    del first
+    assert not any(m._forward_hooks for m in pipe.unet.modules())

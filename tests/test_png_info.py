@@ -13,7 +13,10 @@ import pytest
 from PIL import Image
 
 import sdlite
+from sdlite.__main__ import main
 from sdlite.image import generation_parameters, model_hash
+
+from conftest import FIXTURES
 
 PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 IMAGE_SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -126,3 +129,26 @@ def test_model_hash_is_cached_by_size_and_mtime(tmp_path):
     assert model_hash(None) is None
     weights.unlink()                              # gone since it was loaded: no hash, no error
     assert model_hash(weights) is None
+
+
+def test_typed_prompt_and_lora_and_embedding_hashes_read_back(checkpoints, tmp_path, capsys):
+    """The PNG holds the prompt as typed, <lora:...> tag included, A1111's "Lora hashes" (every LoRA merged, by
+    the SHA-256 of a safetensors file's data after its header, 12 digits) and "TI hashes" (the embeddings the prompts
+    call, by the SHA-256 of the file, 12 digits), as A1111's parser reads them."""
+    addons, out = FIXTURES / "addons", tmp_path / "a.png"
+    prompt = "a <cat-toy> castle <lora:sd1-peft:0.6>"
+    code = main(["txt2img", prompt, "--model", str(checkpoints / "sd1"), "--steps", "1", "--width", "32",
+                 "--height", "24", "--seed", "1", "--embedding", str(addons / "learned_embeds.safetensors"),
+                 "--embedding", str(addons / "glass-style.pt"), "--lora", f"{addons / 'sd1-kohya.safetensors'}:0.8",
+                 "--lora-dir", str(addons), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+
+    def data_hash(path: Path) -> str:
+        data = path.read_bytes()
+        return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+    got = a1111_parse(Image.open(out).text["parameters"])
+    assert got["Prompt"] == prompt
+    assert got["Lora hashes"] == (f"sd1-kohya: {data_hash(addons / 'sd1-kohya.safetensors')}, "
+                                  f"sd1-peft: {data_hash(addons / 'sd1-peft.safetensors')}")
+    embedding = hashlib.sha256((addons / "learned_embeds.safetensors").read_bytes()).hexdigest()[:12]
+    assert got["TI hashes"] == f"<cat-toy>: {embedding}"     # glass-style is loaded but not called: not listed

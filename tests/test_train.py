@@ -33,7 +33,7 @@ TINY_UNET = UNetConfig(block_out_channels=(32, 64), layers_per_block=1, attentio
 def tiny_pipeline(size: int = 16) -> sdlite.Pipeline:
     torch.manual_seed(0)
     return sdlite.Pipeline(Tokenizer.from_vendored(), CLIPTextModel(TINY_TEXT), UNet(TINY_UNET),
-                           AutoencoderKL(TINY_VAE), SDLITE_TINY.scheduler_config(), family="sd1", default_size=size,
+                           AutoencoderKL(TINY_VAE), SDLITE_TINY.scheduler_config(), default_size=size,
                            name="tiny")
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdlite import UserError, checkpoint, onednn
+from sdlite import UserError, checkpoint, runtime
 from sdlite.formats import diffusers
 from sdlite.formats.ldm import unet_from_ldm, unet_to_ldm
 from sdlite.unet import UNET_IMPLEMENTED, UNET_REFUSED, UNet, UNetConfig
@@ -78,15 +78,16 @@ def test_from_single_file_layout(ldm_case):
     assert_matches_reference(unet, ldm_case)
 
 
-@pytest.mark.skipif(not onednn.AVAILABLE, reason="this torch build has no oneDNN")
+@pytest.mark.skipif(not runtime.AVAILABLE, reason="this torch build has no oneDNN")
 def test_packed_convolutions_match_the_reference(case, tmp_path):
     """The pipeline's fast path: weights read from a file and packed for oneDNN give the reference's outputs too."""
     save_file(case.diffusers_weights(), tmp_path / "unet.safetensors")
     unet = UNet(UNetConfig.from_json(case.config_json))
     unet.load_state_dict(read_safetensors(tmp_path / "unet.safetensors", torch.float32), strict=True, assign=True)
-    onednn.pack_convolutions(unet)
+    runtime.pack_convolutions(unet)
     assert_matches_reference(unet, case)
-    assert all(m.packed is not None for m in unet.modules() if isinstance(m, onednn.Conv2d))
+    convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(isinstance(m, runtime.PackedConv2d) and m.packed is not None for m in convs)
 
 
 def test_single_file_config_inferred_from_shapes_equals_config_json(ldm_case):

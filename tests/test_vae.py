@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from sdlite import UserError
 from sdlite.formats.ldm import vae_from_ldm, vae_to_ldm
+from sdlite.tiling import tiled_decode, tiled_encode
 from sdlite.vae import VAE_IMPLEMENTED, VAE_REFUSED, AutoencoderKL, DiagonalGaussian, VAEConfig
 from tolerances import float_rounding_tolerance
 
@@ -76,17 +77,14 @@ def test_decode(vae, reference, case):
 
 
 def test_tiled_encode_and_decode(vae, reference):
-    """With tiling on, images larger than sample_size (32 here) go through in overlapping tiles, as in diffusers'
-    enable_tiling; smaller ones as before."""
+    """Images larger than sample_size (32 here) go through in overlapping tiles, as in diffusers' enable_tiling;
+    smaller ones as before."""
     ref, _ = reference
-    vae.tiling = True
-    try:
-        with torch.no_grad():
-            posterior, decoded = vae.encode(ref["tiled.x"]), vae.decode(ref["tiled.z"])
-            small = ref["tiled.z"][:, :, :8, :8]                 # one tile: decoded whole
-            small_tiled, small_image_tiled = vae.decode(small), vae.encode(ref["tiled.x"][:, :, :32, :32]).mean
-    finally:
-        vae.tiling = False
+    with torch.no_grad():
+        posterior, decoded = tiled_encode(vae, ref["tiled.x"]), tiled_decode(vae, ref["tiled.z"])
+        small = ref["tiled.z"][:, :, :8, :8]                 # one tile: decoded whole
+        small_tiled = tiled_decode(vae, small)
+        small_image_tiled = tiled_encode(vae, ref["tiled.x"][:, :, :32, :32]).mean
     assert relative_error(posterior.mean, ref["tiled.mean"]) < float_rounding_tolerance(vae)
     assert relative_error(posterior.logvar, ref["tiled.logvar"]) < float_rounding_tolerance(vae)
     assert relative_error(decoded, ref["tiled.decoded"]) < float_rounding_tolerance(vae)

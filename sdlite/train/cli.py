@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..formats.diffusers import save_folder, save_scheduler, save_unet
 from ..formats.families import PIXEL_DDPM, SDLITE_TINY
 from ..image import to_tensor
-from ..pipeline import check_text
+from ..request import check_text
 from ..vae import VAEConfig
 from . import scenes
 from .data import read_folder

@@ -62,7 +62,7 @@ def new_pipeline(vae: AutoencoderKL, size: int, seed: int, name: str) -> Pipelin
     unet_config = UNetConfig(**{**asdict(DEFAULT_UNET), "in_channels": vae.config.latent_channels,
                                 "out_channels": vae.config.latent_channels})
     return Pipeline(Tokenizer.from_vendored(), CLIPTextModel(DEFAULT_TEXT), UNet(unet_config), vae,
-                    SDLITE_TINY.scheduler_config(), family=SDLITE_TINY.name, default_size=size, name=name)
+                    SDLITE_TINY.scheduler_config(), default_size=size, name=name)
 
 
 def train_text_to_image(pipe: Pipeline, images: torch.Tensor, captions: list[str], config: TrainConfig, out: Path,

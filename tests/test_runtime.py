@@ -1,27 +1,31 @@
-"""The UNet's convolution fast path: weights of a mapped file packed for oneDNN at first use, never used stale."""
+"""The fast paths of runtime.py. The UNet's convolutions: weights of a mapped file packed for oneDNN at first use,
+never used stale, and plain nn.Conv2d again when packing is off."""
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from sdlite import onednn
+from torch import nn
+
+from sdlite import runtime
 from sdlite.weights import read_safetensors
 
-pytestmark = pytest.mark.skipif(not onednn.AVAILABLE, reason="this torch build has no oneDNN")
+pytestmark = pytest.mark.skipif(not runtime.AVAILABLE, reason="this torch build has no oneDNN")
 
 
-def conv_from_file(tmp_path, dtype=torch.float32) -> onednn.Conv2d:
-    """A Conv2d whose weights are views of a safetensors file, with packing on."""
+def conv_from_file(tmp_path, dtype=torch.float32) -> runtime.PackedConv2d:
+    """An nn.Conv2d whose weights are views of a safetensors file, made a PackedConv2d."""
     g = torch.Generator().manual_seed(0)
     save_file({"weight": torch.randn(48, 32, 3, 3, generator=g) / 10, "bias": torch.randn(48, generator=g)},
               tmp_path / "conv.safetensors")
-    conv = onednn.Conv2d(32, 48, 3, stride=2, padding=1, device="meta")
+    conv = nn.Conv2d(32, 48, 3, stride=2, padding=1, device="meta")
     conv.load_state_dict(read_safetensors(tmp_path / "conv.safetensors", dtype), assign=True)
-    onednn.pack_convolutions(conv)
+    runtime.pack_convolutions(conv)
+    assert isinstance(conv, runtime.PackedConv2d)
     return conv.requires_grad_(False)
 
 
-def plain(conv: onednn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def plain(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
 
 
@@ -59,7 +63,7 @@ def test_packing_off_drops_the_copies_and_runs_f_conv2d(tmp_path):
     conv, x = conv_from_file(tmp_path), torch.randn(2, 32, 12, 20)
     with torch.no_grad():
         conv(x)
-        onednn.pack_convolutions(conv, on=False)
+        runtime.pack_convolutions(conv, on=False)
         out = conv(x)
-    assert conv.packed is None and not conv.packing
+    assert type(conv) is nn.Conv2d and "packed" not in vars(conv)
     assert torch.equal(out, plain(conv, x))
