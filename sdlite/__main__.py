@@ -25,12 +25,14 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, prompts, samplers
-from .checkpoint import load
+from . import __version__, prompts, samplers, schedule
+from .checkpoint import load, resolve
 from .controlnet import Control, load_controlnet
 from .errors import UserError
+from .formats.diffusers import read_json
 from .image import check_writable, open_rgb, save_png
 from .lora import find_lora
+from .pixel import PixelPipeline, is_pixel_folder
 from .preprocess import canny_image
 from .request import Request
 from .progress import Progress
@@ -39,7 +41,7 @@ if starting:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint", "depth2img")
+GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint", "depth2img", "sample", "schedule")
 
 
 def default_model() -> Path:
@@ -124,6 +126,31 @@ def parser(training: bool = True) -> argparse.ArgumentParser:
     depth2img.add_argument("--depth-model", type=Path, help="a DPT folder that estimates the depth when no "
                                                             "--depth-map is given (default: the model folder's "
                                                             "depth_estimator/)")
+    sample = commands.add_parser("sample", help="images from a pixel-space DDPM (a DDPMPipeline / DDIMPipeline "
+                                                "folder)", formatter_class=HelpFormatter)
+    sample.set_defaults(run=sample_images)
+    sample.add_argument("--model", required=True, help="a diffusers folder with unet/ (a UNet2DModel) and scheduler/")
+    sample.add_argument("--steps", type=int, default=1000, help="sampling steps")
+    sample.add_argument("--scheduler", choices=samplers.NAMES, help="the sampler (default: the folder's own)")
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM's noise, 0 to 1 (1: DDPM's variance)")
+    sample.add_argument("--batch-size", type=int, default=1, help="images made by one call, from one seed")
+    sample.add_argument("--seed", type=int, help="the noise seed (default: a random seed, written into the PNG)")
+    sample.add_argument("--dtype", choices=DTYPES, default="fp32", help="precision of the weights and the computation")
+    sample.add_argument("--device", default="cpu", help="torch device")
+    sample.add_argument("--quiet", action="store_true", help="no progress display")
+    sample.add_argument("--out", type=Path, help="output PNG; with --batch-size N, NAME-0.png ... NAME-(N-1).png "
+                                                 "(default: sample-SEED.png)")
+    sample.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    plan = commands.add_parser("schedule", help="a model's noise schedule and the samplers' timesteps on it",
+                               formatter_class=HelpFormatter)
+    plan.set_defaults(run=show_schedule)
+    plan.add_argument("--model", required=True, help="a .safetensors file, a diffusers folder or a Hub id")
+    plan.add_argument("--scheduler", choices=samplers.NAMES, help="only this sampler (default: every one)")
+    plan.add_argument("--steps", type=int, default=50, help="sampling steps")
+    plan.add_argument("--print", action="store_true", help="list each sampler's timesteps (the default without --plot)")
+    plan.add_argument("--plot", type=Path, help="write alpha_bar, sigma and SNR over the training timesteps, the "
+                                                "samplers' timesteps marked, to this PNG (needs matplotlib)")
+    plan.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     if training:
         from .train.cli import add_command
         add_command(commands, HelpFormatter)
@@ -275,6 +302,8 @@ def generate(args: argparse.Namespace) -> None:
     out = args.out or Path(f"{args.command}-{request.seed}.png")
     check_outputs(out, args.batch_size, args.overwrite)
     pipe = load(model, dtype=DTYPES[args.dtype], device=args.device, prediction_type=args.prediction_type)
+    if isinstance(pipe, PixelPipeline):
+        raise UserError(f"{model} is a pixel-space model without text: use `sdlite sample --model {model}`")
     pipe.vae_tiling = args.vae_tiling
     for path in args.embedding:
         pipe.load_embedding(path)
@@ -293,19 +322,60 @@ def generate(args: argparse.Namespace) -> None:
                            getattr(args, "mask_blur", 0), getattr(args, "keep_unmasked", False),
                            Progress(args.command, quiet=args.quiet), depth=args.command == "depth2img",
                            depth_map=getattr(args, "depth_map", None), depth_model=depth_model)
+    write_images(images, out, args.overwrite)
+
+
+def write_images(images: list, out: Path, overwrite: bool) -> None:
+    """OUT, or OUT-0.png ... for a batch: all images or none (replaced files cannot be put back)."""
     written = []
     try:
         for i, image in enumerate(images):
             path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-            save_png(image, path, overwrite=args.overwrite)
+            save_png(image, path, overwrite=overwrite)
             written.append(path)
     except BaseException:
-        if not args.overwrite:  # all images or none; replaced files cannot be put back
+        if not overwrite:
             for path in written:
                 path.unlink(missing_ok=True)
         raise
     for path in written:
         print(path)
+
+
+def sample_images(args: argparse.Namespace) -> None:
+    """sample: load a pixel-space model, sample, write the PNGs."""
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**32, ()).item())
+    out = args.out or Path(f"sample-{seed}.png")
+    check_outputs(out, args.batch_size, args.overwrite)
+    pipe = load(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    if not isinstance(pipe, PixelPipeline):
+        raise UserError(f"{args.model} is a text-to-image model: use `sdlite txt2img PROMPT --model {args.model}`")
+    images = pipe.sample(steps=args.steps, scheduler=args.scheduler, batch_size=args.batch_size, seed=seed,
+                         eta=args.eta, progress=Progress("sample", quiet=args.quiet))
+    write_images(images, out, args.overwrite)
+
+
+def show_schedule(args: argparse.Namespace) -> None:
+    """schedule: the model's training schedule and the samplers' timesteps, listed and/or plotted."""
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1, not {args.steps}")
+    if args.plot is not None:
+        check_outputs(args.plot, 1, args.overwrite)
+    path = resolve(args.model)
+    if path.is_dir():   # the config alone: no weights read
+        index = read_json(path / "model_index.json")
+        pixel, config = is_pixel_folder(path, index), read_json(path / "scheduler" / "scheduler_config.json")
+    else:
+        pixel, config = False, load(path).scheduler_config
+    names = [args.scheduler] if args.scheduler else list(samplers.NAMES)
+    timesteps = schedule.sampler_timesteps(config, names, args.steps, pixel)
+    if args.print or args.plot is None:
+        print(schedule.listing(timesteps))
+    if args.plot is not None:
+        title = (f"{path.name}: {config.get('beta_schedule', 'linear')} betas, "
+                 f"T = {config.get('num_train_timesteps', 1000)}, {args.steps} steps")
+        schedule.plot(schedule.training_alphas_cumprod(config), timesteps, title, args.plot, args.overwrite)
+        print(args.plot)
 
 
 def make_control_image(args: argparse.Namespace) -> None:

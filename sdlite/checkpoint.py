@@ -144,7 +144,9 @@ def load_single_file(path: Path, dtype: torch.dtype) -> Pipeline:
 def load_folder(path: Path, dtype: torch.dtype) -> Pipeline:
     if not (path / "model_index.json").is_file():
         raise UserError(f"{path}: not a diffusers folder (no model_index.json)")
-    read_json(path / "model_index.json")
+    from . import pixel   # here, not at the top: pixel.py builds its pipeline with this module's build
+    if pixel.is_pixel_folder(path, read_json(path / "model_index.json")):
+        return pixel.load_folder(path, dtype)
     unet_json = read_json(path / "unet" / "config.json")
     unet_config = read_config(UNetConfig, unet_json, path / "unet" / "config.json")
     vae_config = read_config(VAEConfig, read_json(path / "vae" / "config.json"), path / "vae" / "config.json")

@@ -231,9 +231,11 @@ def to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
 
 
 def to_images(pixels: torch.Tensor) -> list[Image.Image]:
-    """(N, 3, H, W) in [-1, 1], as the VAE decodes them -> uint8 RGB images, rounded as the reference rounds them."""
+    """(N, 3, H, W) in [-1, 1], as the VAE decodes them -> uint8 RGB images, rounded as the reference rounds them;
+    (N, 1, H, W) -> greyscale ("L") images, as a one-channel pixel-space model samples them."""
     pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-    return [Image.fromarray(array) for array in (pixels * 255).round().astype(np.uint8)]
+    arrays = (pixels * 255).round().astype(np.uint8)
+    return [Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array) for array in arrays]
 
 
 def paste_unmasked(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:

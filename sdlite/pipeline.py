@@ -177,11 +177,8 @@ class Pipeline:
 
     @property
     def default_sampler(self) -> str:
-        """The sampler of the checkpoint's own scheduler config."""
-        class_name = self.scheduler_config.get("_class_name", "PNDMScheduler")
-        if class_name not in samplers.CLASS_NAMES:
-            raise UserError(f"the checkpoint's scheduler {class_name} is not implemented: choose one with --scheduler")
-        return samplers.CLASS_NAMES[class_name]
+        """The sampler of the checkpoint's own scheduler config (a config without a class: SD's PNDM)."""
+        return samplers.own(self.scheduler_config, "PNDMScheduler")
 
     @torch.no_grad()
     def txt2img(self, prompt: str, negative_prompt: str = "", steps: int = 50, guidance_scale: float = 7.5,

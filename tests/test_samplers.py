@@ -133,7 +133,7 @@ def test_refuses_what_the_reference_refuses(name, config):
 @pytest.mark.parametrize("name,option", [
     ("unipc", {"predict_x0": False}), ("unipc", {"thresholding": True}), ("dpmpp_2m", {"solver_order": 4}),
     ("dpmpp_2m", {"algorithm_type": "sde-dpmsolver++"}), ("euler", {"use_exponential_sigmas": True}),
-    ("ddim", {"thresholding": True}), ("ddpm", {"variance_type": "learned_range"}),
+    ("ddim", {"thresholding": True}), ("ddpm", {"variance_type": "fixed_small_log"}),
 ])
 def test_refuses_unimplemented_options(name, option):
     """By name, in one line, as a UserError (which the CLI prints as its one line) that is a NotImplementedError."""

@@ -51,6 +51,16 @@ NAMES = tuple(SAMPLERS)
 CLASS_NAMES = {entry.reproduces: entry.name for entry in SAMPLERS.values() if not entry.fixed}
 
 
+def own(config: dict, default_class: str) -> str:
+    """The sampler that reproduces a scheduler config's own class (its _class_name, default_class if absent: the
+    class the model's diffusers pipeline would have built); a class sdlite has none for is refused in one line."""
+    class_name = config.get("_class_name", default_class)
+    if class_name not in CLASS_NAMES:
+        raise NotImplementedOption(f"the model's scheduler {class_name} is not implemented: choose one with "
+                                   "--scheduler")
+    return CLASS_NAMES[class_name]
+
+
 def make(name: str, config: dict) -> Sampler:
     """The sampler `name` for a diffusers scheduler config (of any scheduler class), as diffusers'
     TargetClass.from_config(config) builds it: the keys the sampler knows are taken from config, the others keep the
