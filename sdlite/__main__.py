@@ -219,36 +219,36 @@ class ControlFlag(argparse.Action):
     def __call__(self, parser, namespace, value, option_string=None):
         if namespace.controls is None:
             namespace.controls = []
-        controls = namespace.controls
+        controls, key = namespace.controls, self.dest.removeprefix("control_")   # image, scale, start, end
         if self.dest == "controlnet":
             controls.append({"controlnet": Path(value)})
             return
         if not controls:
             raise UserError(f"{option_string} must follow the --controlnet it belongs to")
-        if self.dest in controls[-1]:
+        if key in controls[-1]:
             raise UserError(f"{option_string} given twice for --controlnet {controls[-1]['controlnet']}: give each "
                             "--controlnet its own, after it")
-        if self.dest == "image":
+        if key == "image":
             controls[-1]["image"] = Path(value)
             return
         try:
-            controls[-1][self.dest] = float(value)
+            controls[-1][key] = float(value)
         except ValueError:
             raise UserError(f"{option_string} must be a number, not {value!r}") from None
 
 
 def add_control_flags(p: argparse.ArgumentParser) -> None:
-    p.set_defaults(controls=None)
+    p.set_defaults(controls=None)   # the flags below fill it, in the order given
     p.add_argument("--controlnet", action=ControlFlag, metavar="PATH",
                    help="a ControlNet (a diffusers folder or a single file); repeatable, each followed by its own "
                         "--control-image and optional --control-scale / --control-start / --control-end")
-    p.add_argument("--control-image", dest="image", action=ControlFlag, metavar="IMG",
+    p.add_argument("--control-image", action=ControlFlag, metavar="IMG",
                    help="the control image of the --controlnet before it (edges, depth, pose, ... as it is)")
-    p.add_argument("--control-scale", dest="scale", action=ControlFlag, metavar="S",
+    p.add_argument("--control-scale", action=ControlFlag, metavar="S",
                    help="the weight of its residuals (default 1)")
-    p.add_argument("--control-start", dest="start", action=ControlFlag, metavar="A",
+    p.add_argument("--control-start", action=ControlFlag, metavar="A",
                    help="the fraction of the steps at which it starts acting (default 0)")
-    p.add_argument("--control-end", dest="end", action=ControlFlag, metavar="B",
+    p.add_argument("--control-end", action=ControlFlag, metavar="B",
                    help="the fraction of the steps at which it stops (default 1)")
     p.add_argument("--guess-mode", action="store_true", help="ControlNets read the image only, not the prompt "
                                                              "(their residuals scaled from 0.1 to 1)")

@@ -460,8 +460,9 @@ class Pipeline:
         with runtime.running(self.unet, self.packed_convolutions):
             for i, t in enumerate(timesteps):
                 x_in = sampler.scale_input(torch.cat([x, x]) if request.guided else x, t)
-                residuals = [r for c in conditionings if (r := c.residuals(x_in, t, context, i, len(timesteps)))]
-                down, mid = residuals[0] if residuals else (None, None)
+                residuals = [r for c in conditionings
+                             if (r := c.residuals(x_in, t, context, i, len(timesteps))) is not None]
+                down, mid = residuals[0] if residuals else (None, None)   # one ControlNets conditioning at most
                 out = self.unet(x_in if extra is None else torch.cat([x_in, extra], dim=1), t, context,
                                 down_residuals=down, mid_residual=mid)
                 if request.guided:

@@ -10,11 +10,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
 
 import sdlite
 from sdlite.__main__ import main
+from sdlite.dpt import read_depth_map
 
 from conftest import FIXTURES
 from test_pipeline import assert_same_images
@@ -207,3 +209,21 @@ def test_cli_txt2img_on_a_depth_model_names_depth2img(models, capsys, tmp_path):
     code = main(["txt2img", "a castle", "--model", str(models / "sd2-depth"), "--steps", "1", "--width", "16",
                  "--height", "16", "--out", str(tmp_path / "x.png"), "--quiet"])
     assert_refused(code, capsys.readouterr().err.strip(), "use depth2img")
+
+
+def test_depth_maps_are_read_as_their_levels(tmp_path):
+    """8-bit grey levels, 16-bit ones as they are (not cut to 8 bits), colour maps as luma; a tensor (H, W) or
+    (1, H, W) as it is, another shape refused."""
+    levels = np.asarray(Image.open(INPUTS / "depth.png"))
+    assert np.array_equal(read_depth_map(INPUTS / "depth.png")[0].numpy(), levels)
+    wide = levels.astype(np.uint16) * 257 + 3                         # 16-bit: the low byte matters too
+    Image.fromarray(wide).save(tmp_path / "d16.png")
+    assert np.array_equal(read_depth_map(tmp_path / "d16.png")[0].numpy(), wide)
+    grey_rgb = Image.fromarray(np.repeat(levels[..., None], 3, axis=2))
+    assert np.array_equal(read_depth_map(grey_rgb)[0].numpy(), levels)
+    depth = torch.rand(43, 61)
+    assert torch.equal(read_depth_map(depth), depth[None]) and torch.equal(read_depth_map(depth[None]), depth[None])
+    with pytest.raises(sdlite.UserError, match=r"\(H, W\) or \(1, H, W\), not \(2, 43, 61\)"):
+        read_depth_map(torch.rand(2, 43, 61))
+    with pytest.raises(sdlite.UserError, match="cannot be read as an image"):
+        read_depth_map(tmp_path / "missing.png")
