@@ -10,8 +10,8 @@ import torch
 import transformers
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-HEADER = "# Benchmark results\n\nWritten by `python benchmarks/parity.py` and `python benchmarks/speed.py`; each " \
-         "replaces its own section.\n"
+HEADER = "# Benchmark results\n\nWritten by `python benchmarks/parity.py`, `python benchmarks/speed.py` and " \
+         "`python benchmarks/control.py`; each replaces its own section.\n"
 
 
 def machine() -> str:
