@@ -188,10 +188,10 @@ class Pipeline:
 
     @torch.no_grad()
     def generate(self, request: Request, image: ImageInput | None = None, mask: ImageInput | None = None,
-                 mask_blur: float = 0, keep_unmasked: bool = False, progress: Progress | None = None
-                 ) -> list[Image.Image]:
+                 mask_blur: float = 0, keep_unmasked: bool = False, progress: Progress | None = None,
+                 on_step: Callable[[Step], None] | None = None) -> list[Image.Image]:
         """txt2img, or img2img from `image`, or inpainting of `image` where `mask` is white; each image carries
-        its PNG parameters in info["parameters"]."""
+        its PNG parameters in info["parameters"]. `on_step` sees each Step of the loop (previews: preview.py)."""
         if mask is not None:
             image, mask = open_rgb(image), open_rgb(mask, what="mask").convert("L")
             if mask.size != image.size:
@@ -221,6 +221,8 @@ class Pipeline:
             x = step.x
             if progress:
                 progress(step.i + 1, step.total)
+            if on_step:
+                on_step(step)
         images = self.decode(x)
         if keep_unmasked:
             images = [paste_unmasked(generated, image, mask) for generated in images]

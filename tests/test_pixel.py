@@ -226,17 +226,22 @@ def roundtrip_fixture(name: str) -> tuple[dict, dict]:
         return f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
 
 
-@pytest.mark.parametrize("name", ["rgb", "grey"])
-def test_trained_folder_samples_as_the_reference_does(name, tmp_path, capsys):
-    """The folder `train --pixel` wrote, read by diffusers' DDPMPipeline (make_pixel_roundtrip.py): sdlite.load and
-    `python -m sdlite sample` give its images, same seed."""
-    meta, tensors = roundtrip_fixture(name)
-    folder = tmp_path / "run"
+def roundtrip_folder(meta: dict, tensors: dict, folder: Path) -> Path:
+    """The folder the fixture's train command wrote, from its recorded files and weights."""
     for part in roundtrip.FOLDER_FILES:
         (folder / part).parent.mkdir(parents=True, exist_ok=True)
         (folder / part).write_text(meta[part])
     save_file({key[5:]: value for key, value in tensors.items() if key.startswith("unet.")},
               folder / "unet" / "diffusion_pytorch_model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("name", ["rgb", "grey"])
+def test_trained_folder_samples_as_the_reference_does(name, tmp_path, capsys):
+    """The folder `train --pixel` wrote, read by diffusers' DDPMPipeline (make_pixel_roundtrip.py): sdlite.load and
+    `python -m sdlite sample` give its images, same seed."""
+    meta, tensors = roundtrip_fixture(name)
+    folder = roundtrip_folder(meta, tensors, tmp_path / "run")
     seed, steps = int(meta["seed"]), int(meta["steps"])
     images = sdlite.load(folder).sample(steps=steps, batch_size=2, seed=seed)
     ours = torch.from_numpy(np.stack([np.array(image) for image in images])).int()
@@ -267,3 +272,18 @@ def test_train_pixel_writes_the_layout_the_reference_read(name, tmp_path, monkey
     assert shapes == {key[5:]: list(value.shape) for key, value in tensors.items() if key.startswith("unet.")}
     pipe = sdlite.load(tmp_path / "run")
     assert isinstance(pipe, PixelPipeline) and pipe.unet.config.in_channels == int(channels)
+
+
+def test_sample_writes_previews(tmp_path, capsys):
+    """sample --preview / --preview-grid: a frame every 2nd step and the last; the last frame's top row holds the
+    images written."""
+    folder = roundtrip_folder(*roundtrip_fixture("grey"), tmp_path / "run")
+    assert main(["sample", "--model", str(folder), "--steps", "5", "--batch-size", "2", "--seed", "4", "--out",
+                 str(tmp_path / "s.png"), "--preview", str(tmp_path / "s.gif"), "--preview-grid",
+                 str(tmp_path / "g.png"), "--preview-every", "2", "--quiet"]) == 0
+    with Image.open(tmp_path / "s.gif") as gif:
+        assert gif.n_frames == 3 and gif.size == (16, 16)   # steps 2, 4, 5; two 8 x 8 images side by side, 2 rows
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert grid.shape == (16, 48)
+    for i in range(2):
+        assert np.array_equal(grid[:8, 32 + 8 * i:40 + 8 * i], np.asarray(Image.open(tmp_path / f"s-{i}.png")))

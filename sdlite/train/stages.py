@@ -5,7 +5,6 @@ themselves. The sample grids are drawn with the public pipelines: Pipeline.txt2i
 PixelPipeline.sample (pixel models).
 """
 import copy
-import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from PIL import Image
 from ..clip import CLIPTextConfig, CLIPTextModel
 from ..errors import UserError
 from ..formats.families import PIXEL_DDPM, SDLITE_TINY
-from ..image import to_images
+from ..image import grid, to_images
 from ..pipeline import Pipeline
 from ..pixel import PixelPipeline
 from ..progress import Progress
@@ -129,13 +128,3 @@ def encode(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 16) -> tu
     """(mean, std) of q(z|x) for every image, unscaled: computed once, so training samples z without the encoder."""
     posteriors = [vae.encode(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     return torch.cat([p.mean for p in posteriors]).float(), torch.cat([p.std for p in posteriors]).float()
-
-
-def grid(images: list[Image.Image], columns: int) -> Image.Image:
-    """The images in rows of `columns`, on white."""
-    w, h = images[0].size
-    rows = math.ceil(len(images) / columns)
-    out = Image.new("RGB", (columns * w, rows * h), "white")
-    for i, image in enumerate(images):
-        out.paste(image, ((i % columns) * w, (i // columns) * h))
-    return out
