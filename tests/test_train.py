@@ -79,7 +79,7 @@ def test_vae_loss_falls(tmp_path):
     images, _ = scene_images(64, 16)
     torch.manual_seed(0)
     vae = AutoencoderKL(TINY_VAE)
-    trainer = loop.Trainer("vae", vae, lambda m, g: objectives.vae_loss(m, images, 1e-4, g, 16),
+    trainer = loop.Trainer("vae", vae, lambda m, g, share: objectives.vae_loss(m, images, 1e-4, g, 16, share),
                             quiet(steps=60, lr=3e-3, warmup_steps=5), tmp_path)
     first = np.mean([trainer.train_step() for _ in range(5)])
     trainer.run()
@@ -125,8 +125,8 @@ def trainer_for(out: Path, steps: int) -> loop.Trainer:
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 1))
     data = torch.randn(64, 4)
 
-    def loss(m, g):
-        x = data[torch.randint(64, (8,), generator=g)]
+    def loss(m, g, share):
+        x = data[torch.randint(64, (8,), generator=g)][share]
         return (m(x).squeeze(1) - x.sum(1)).pow(2).mean()
     return loop.Trainer("toy", model, loss, quiet(steps=steps, lr=1e-2, warmup_steps=2, ema_decay=0.9), out)
 

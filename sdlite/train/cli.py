@@ -9,10 +9,12 @@ checkpoint's UNet; --pixel trains DDPM on the images themselves. What --out/trai
 """
 import argparse
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..checkpoint import load
 from ..errors import UserError
@@ -24,7 +26,7 @@ from ..unet2d import UNet2DConfig
 from ..vae import VAEConfig
 from . import scenes
 from .data import read_folder, with_channels
-from .loop import TrainConfig
+from .loop import TrainConfig, process_group
 from .objectives import DISTANCES
 from .stages import (DEFAULT_VAE, PIXEL_UNET, new_pipeline, train_pixel, train_text_to_image,
                      train_vae)
@@ -118,8 +120,21 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Whatever --out/train/ holds is resumed: a finished stage is not trained again."""
+    """Whatever --out/train/ holds is resumed: a finished stage is not trained again. Started by torchrun (WORLD_SIZE
+    processes), the run is data-parallel over them (loop.py); process 0 writes the files."""
     check_arguments(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")   # torchrun's rendezvous (MASTER_ADDR, RANK, ...); the trainer runs on the CPU
+        try:
+            train(args)
+        finally:
+            dist.destroy_process_group()
+    else:
+        train(args)
+
+
+def train(args: argparse.Namespace) -> None:
+    """Read the data, train the stages, save the model."""
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -127,8 +142,8 @@ def run(args: argparse.Namespace) -> None:
     except OSError as e:
         raise UserError(f"--out: cannot create {args.out}: {e.strerror}") from None
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                         weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay, bf16=args.bf16, seed=args.seed,
-                         sample_every=args.sample_every, save_every=args.save_every)
+                         weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
+                         bf16=args.bf16, seed=args.seed, sample_every=args.sample_every, save_every=args.save_every)
     pipe = None
     if args.model:
         pipe = load(args.model)
@@ -139,7 +154,8 @@ def run(args: argparse.Namespace) -> None:
         caption = "" if args.pixel and args.caption is None else args.caption  # the pixel model reads no captions
         images, captions = read_folder(Path(args.data), size, caption)
     images = to_tensor(with_channels(images, args.channels) if args.pixel else images)
-    print(f"{len(images)} images of {size} x {size}", flush=True)
+    if process_group()[0] == 0:
+        print(f"{len(images)} images of {size} x {size}", flush=True)
     if args.epochs is not None:
         config.steps = math.ceil(args.epochs * len(images) / args.batch_size)
     if args.pixel:
@@ -147,8 +163,9 @@ def run(args: argparse.Namespace) -> None:
         unet_config = UNet2DConfig(**{**asdict(PIXEL_UNET), "sample_size": (size, size), "in_channels": channels,
                                       "out_channels": channels})
         pipe = train_pixel(images, unet_config, config, args.out, args.loss, args.flip)
-        save_pixel_folder(pipe, args.out)
-        print(f"saved {args.out}", flush=True)
+        if process_group()[0] == 0:
+            save_pixel_folder(pipe, args.out)
+            print(f"saved {args.out}", flush=True)
         return
     if pipe is None:
         vae_training = TrainConfig(**{**asdict(config), "steps": args.vae_steps, "batch_size": args.vae_batch_size,
@@ -160,5 +177,6 @@ def run(args: argparse.Namespace) -> None:
         pipe.scheduler_config["prediction_type"] = args.prediction_type
     pipe = train_text_to_image(pipe, images, captions, config, args.out, args.train_text_encoder,
                                SAMPLE_PROMPTS if args.data == "scenes" else captions[:6], args.loss)
-    save_folder(pipe, args.out)
-    print(f"saved {args.out}", flush=True)
+    if process_group()[0] == 0:
+        save_folder(pipe, args.out)
+        print(f"saved {args.out}", flush=True)

@@ -48,8 +48,8 @@ def train_vae(images: torch.Tensor, vae_config: VAEConfig, kl_weight: float, con
             pixels = torch.cat([shown, ema.decode(ema.encode(shown).mean)]).clamp(-1, 1)
         return grid(to_images(pixels), columns=len(shown))
 
-    trainer = Trainer("vae", vae, lambda model, g: vae_loss(model, images, kl_weight, g, config.batch_size),
-                      config, out, sample_grid)
+    trainer = Trainer("vae", vae, lambda model, g, share: vae_loss(model, images, kl_weight, g, config.batch_size,
+                                                                   share), config, out, sample_grid)
     trainer.resume()
     vae = trainer.run().eval()
     mean, std = encode(vae, images)
