@@ -1,5 +1,5 @@
 """Previews of the denoising (preview.py): which steps become frames, the cheap latent-to-RGB map, and the
---preview / --preview-grid files of txt2img and img2img (sample's: test_pixel.py)."""
+--preview / --preview-grid files of txt2img, img2img and inpaint (sample's: test_pixel.py)."""
 from pathlib import Path
 
 import numpy as np
@@ -80,15 +80,23 @@ def test_txt2img_writes_gif_and_grid(tmp_path, capsys, extra):
         assert np.array_equal(grid[:64, 64:], image)
 
 
-def test_img2img_previews_the_steps_it_runs(tmp_path, capsys):
-    image = tmp_path / "in.png"
+def test_img2img_and_inpaint_preview_the_steps_they_run(tmp_path, capsys):
+    image, mask = tmp_path / "in.png", tmp_path / "mask.png"
     Image.new("RGB", (64, 64), "white").save(image)
+    Image.new("L", (64, 64), 255).save(mask)
     code, err = run(capsys, "img2img", "a blue square", "--image", image, "--model", DEFAULT_MODEL, "--steps", "4",
                     "--strength", "0.5", "--seed", "1", "--out", tmp_path / "b.png", "--preview",
                     tmp_path / "b.gif", "--quiet")
     assert code == 0, err
     with Image.open(tmp_path / "b.gif") as gif:   # strength 0.5 of 4 steps: 2 steps, one frame each
         assert gif.n_frames == 2
+    code, err = run(capsys, "inpaint", "a blue square", "--image", image, "--mask", mask, "--model", DEFAULT_MODEL,
+                    "--steps", "3", "--seed", "1", "--out", tmp_path / "c.png", "--preview-grid",
+                    tmp_path / "c-grid.png", "--quiet")
+    assert code == 0, err
+    grid = np.asarray(Image.open(tmp_path / "c-grid.png"))   # 3 frames, the last one's top row the image written
+    assert grid.shape == (128, 3 * 64, 3)
+    assert np.array_equal(grid[:64, 128:], np.asarray(Image.open(tmp_path / "c.png")))
 
 
 @pytest.mark.parametrize("flags, words", [
