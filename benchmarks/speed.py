@@ -132,7 +132,7 @@ def flops() -> dict[str, float]:
     """FLOPs of each stage, counted on sdlite's SD 1.5 modules moved to the meta device (no memory, no time)."""
     import sdlite
     from sdlite import samplers
-    pipe = sdlite.load(SD1, device="meta")
+    pipe = sdlite.load(SD1).to(device="meta")   # loading on "meta" is refused as a user mistake
     meta = dict(device="meta")
     calls = {"prompt encoding": lambda: [pipe.text_encoder(torch.zeros(1, 77, dtype=torch.long, **meta))
                                          for _ in range(2)],

@@ -27,6 +27,7 @@ import torch
 
 from . import __version__, prompts, samplers, schedule
 from .checkpoint import load, resolve
+from .controlnet import Control, load_controlnet
 from .errors import UserError
 from .formats.diffusers import read_json
 from .image import check_writable, open_rgb, save_png, to_images
@@ -41,7 +42,7 @@ if starting:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint", "sample", "schedule")
+GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint", "depth2img", "sample", "schedule")
 
 
 def default_model() -> Path:
@@ -97,11 +98,13 @@ def parser(training: bool = True) -> argparse.ArgumentParser:
     add_generation_flags(txt2img)
     txt2img.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's own size)")
     txt2img.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's own size)")
+    add_control_flags(txt2img)
     img2img = commands.add_parser("img2img", help="redraw an image after a prompt", formatter_class=HelpFormatter)
     add_generation_flags(img2img)
     img2img.add_argument("--image", type=Path, required=True, help="the starting image (its size, cut to a "
                                                                   "multiple of 8, is the output's)")
     img2img.add_argument("--strength", type=float, default=0.8, help="how much to change it, 0 to 1")
+    add_control_flags(img2img)
     inpaint = commands.add_parser("inpaint", help="repaint the masked part of an image", formatter_class=HelpFormatter)
     add_generation_flags(inpaint)
     inpaint.add_argument("--image", type=Path, required=True, help="the image to repaint (its size, cut to a "
@@ -112,6 +115,18 @@ def parser(training: bool = True) -> argparse.ArgumentParser:
     inpaint.add_argument("--mask-blur", type=float, default=0.0, help="Gaussian blur radius of the mask, in pixels")
     inpaint.add_argument("--keep-unmasked", action="store_true",
                          help="paste the input back outside the mask, so those pixels stay exactly as they were")
+    add_control_flags(inpaint)
+    depth2img = commands.add_parser("depth2img", help="redraw an image keeping its depth (SD 2 depth models)",
+                                    formatter_class=HelpFormatter)
+    add_generation_flags(depth2img)
+    depth2img.add_argument("--image", type=Path, required=True, help="the starting image (its size, cut to a "
+                                                                    "multiple of 8, is the output's)")
+    depth2img.add_argument("--strength", type=float, default=0.8, help="how much to change it, 0 to 1")
+    depth2img.add_argument("--depth-map", type=Path, help="the image's depth as a greyscale image, near = bright "
+                                                          "(default: estimated by the DPT of --depth-model)")
+    depth2img.add_argument("--depth-model", type=Path, help="a DPT folder that estimates the depth when no "
+                                                            "--depth-map is given (default: the model folder's "
+                                                            "depth_estimator/)")
     sample = commands.add_parser("sample", help="images from a pixel-space DDPM (a DDPMPipeline / DDIMPipeline "
                                                 "folder)", formatter_class=HelpFormatter)
     sample.set_defaults(run=sample_images)
@@ -234,18 +249,82 @@ def write_preview(preview: Preview | None, args: argparse.Namespace) -> None:
             print(path)
 
 
+class ControlFlag(argparse.Action):
+    """--controlnet PATH starts a control; --control-image, --control-scale, --control-start and --control-end set
+    those of the --controlnet before them (each once)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if namespace.controls is None:
+            namespace.controls = []
+        controls, key = namespace.controls, self.dest.removeprefix("control_")   # image, scale, start, end
+        if self.dest == "controlnet":
+            controls.append({"controlnet": Path(value)})
+            return
+        if not controls:
+            raise UserError(f"{option_string} must follow the --controlnet it belongs to")
+        if key in controls[-1]:
+            raise UserError(f"{option_string} given twice for --controlnet {controls[-1]['controlnet']}: give each "
+                            "--controlnet its own, after it")
+        if key == "image":
+            controls[-1]["image"] = Path(value)
+            return
+        try:
+            controls[-1][key] = float(value)
+        except ValueError:
+            raise UserError(f"{option_string} must be a number, not {value!r}") from None
+
+
+def add_control_flags(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(controls=None)   # the flags below fill it, in the order given
+    p.add_argument("--controlnet", action=ControlFlag, metavar="PATH",
+                   help="a ControlNet (a diffusers folder or a single file); repeatable, each followed by its own "
+                        "--control-image and optional --control-scale / --control-start / --control-end")
+    p.add_argument("--control-image", action=ControlFlag, metavar="IMG",
+                   help="the control image of the --controlnet before it (edges, depth, pose, ... as it is)")
+    p.add_argument("--control-scale", action=ControlFlag, metavar="S",
+                   help="the weight of its residuals (default 1)")
+    p.add_argument("--control-start", action=ControlFlag, metavar="A",
+                   help="the fraction of the steps at which it starts acting (default 0)")
+    p.add_argument("--control-end", action=ControlFlag, metavar="B",
+                   help="the fraction of the steps at which it stops (default 1)")
+    p.add_argument("--guess-mode", action="store_true", help="ControlNets read the image only, not the prompt "
+                                                             "(their residuals scaled from 0.1 to 1)")
+
+
+def check_controls(controls: list[dict]) -> None:
+    """Each --controlnet has a --control-image, both exist, and its settings are in range, before any model loads."""
+    for control in controls:
+        name = control["controlnet"]
+        if "image" not in control:
+            raise UserError(f"--controlnet {name} needs its --control-image after it")
+        if not control["controlnet"].exists():
+            raise UserError(f"--controlnet: no such file or folder: {name}")
+        if not control["image"].is_file():
+            raise UserError(f"--control-image: no such file: {control['image']}")
+        Control(None, control["image"], control.get("scale", 1.0), control.get("start", 0.0),
+                control.get("end", 1.0))   # refuses a scale, start or end out of range
+
+
 def generate(args: argparse.Namespace) -> None:
-    """txt2img, img2img and inpaint: load, generate, write the PNGs."""
+    """txt2img, img2img, inpaint and depth2img: load, generate, write the PNGs."""
     model = default_model() if args.model is None else args.model
     if args.model is None and not model.exists():
         raise UserError(f"no --model given and no default model at {model}")
-    for flag in ("image", "mask"):
+    for flag in ("image", "mask", "depth_map"):
         path = getattr(args, flag, None)
         if path is not None and not path.is_file():
-            raise UserError(f"--{flag}: {'not a regular file' if path.exists() else 'no such file'}: {path}")
+            raise UserError(f"--{flag.replace('_', '-')}: {'not a regular file' if path.exists() else 'no such file'}"
+                            f": {path}")
+    depth_model = getattr(args, "depth_model", None)
+    if depth_model is not None and not depth_model.is_dir():
+        raise UserError(f"--depth-model: not a folder: {depth_model} (give a DPT folder: config.json, "
+                        "model.safetensors, preprocessor_config.json)")
+    controls = getattr(args, "controls", None) or []
+    check_controls(controls)
     request = Request(args.prompt, args.negative_prompt, args.steps, args.guidance_scale, args.guidance_rescale,
                       getattr(args, "width", None), getattr(args, "height", None), args.seed, args.scheduler,
-                      args.batch_size, args.prompt_syntax, args.clip_skip, getattr(args, "strength", None))
+                      args.batch_size, args.prompt_syntax, args.clip_skip, getattr(args, "strength", None),
+                      guess_mode=getattr(args, "guess_mode", False))
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be at least 1, not {args.threads}")
@@ -268,6 +347,8 @@ def generate(args: argparse.Namespace) -> None:
         pipe.load_embedding(path)
     for path, weight in loras:
         pipe.load_lora(path, weight)
+    request.controls = [Control(load_controlnet(c["controlnet"], DTYPES[args.dtype], args.device), c["image"],
+                                c.get("scale", 1.0), c.get("start", 0.0), c.get("end", 1.0)) for c in controls]
     for name, text in (("prompt", request.text), ("negative prompt", request.negative_prompt)):
         if args.show_tokens:
             print(f"{name}: {prompts.describe(pipe.tokenizer, text, args.prompt_syntax)}")
@@ -279,7 +360,8 @@ def generate(args: argparse.Namespace) -> None:
         preview.decode = approximate_rgb if args.preview_fast else pipe.decode
     images = pipe.generate(request, getattr(args, "image", None), getattr(args, "mask", None),
                            getattr(args, "mask_blur", 0), getattr(args, "keep_unmasked", False),
-                           Progress(args.command, quiet=args.quiet), preview)
+                           Progress(args.command, quiet=args.quiet), depth=args.command == "depth2img",
+                           depth_map=getattr(args, "depth_map", None), depth_model=depth_model, on_step=preview)
     write_images(images, out, args.overwrite)
     write_preview(preview, args)
 

@@ -39,6 +39,8 @@ def load(model: str | Path, dtype: torch.dtype = torch.float32, device: str | to
     check_device(device)
     path = resolve(model)
     pipe = load_folder(path, dtype) if path.is_dir() else load_single_file(path, dtype)
+    if path.is_dir() and (path / "depth_estimator").is_dir():   # SD 2 depth's folder ships its depth estimator
+        pipe.depth_model = path
     # the file A1111's "Model hash" is of; a folder's UNet weights stand for the folder
     pipe.model_file = weights_file(path / "unet", "diffusion_pytorch_model") if path.is_dir() else path
     if prediction_type is not None:

@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import ConfigFile, show
 from .errors import UserError
-from .image import open_rgb
+from .image import legacy_model_hash, open_rgb
 from .formats.ldm import ldm_to_diffusers_key
 from .unet import TimestepEmbedding, UNetConfig, UNetDownBlock, UNetMidBlock, timestep_embedding
 
@@ -130,6 +130,8 @@ class ControlNet(nn.Module):
     def __init__(self, config: ControlNetConfig):
         super().__init__()
         self.config = config
+        self.name = "ControlNet"             # the file's or folder's name, and the weights file (load_controlnet
+        self.model_file: Path | None = None  # sets them): the PNG parameters name the ControlNet by them
         enc = config.encoder
         channels = enc.block_out_channels
         self.time_embedding = TimestepEmbedding(channels[0], enc.time_embed_dim, enc.act_fn)
@@ -267,14 +269,18 @@ def load_controlnet(path: str | Path, dtype: torch.dtype = torch.float32,
     path = Path(path)
     if path.is_dir():
         config = read_config(ControlNetConfig, read_json(path / "config.json"), path / "config.json")
-        weights = read_state_dict(weights_file(path, "diffusion_pytorch_model"), dtype)
+        model_file = weights_file(path, "diffusion_pytorch_model")
+        weights = read_state_dict(model_file, dtype)
     elif path.is_file():
+        model_file = path
         sd = single_file_part(read_state_dict(path, dtype), path)
         config, weights = convert(controlnet_from_ldm, sd, path, "control_model.*")
     else:
         raise UserError(f"ControlNet not found: {path} does not exist (give a diffusers ControlNet folder or a "
                         ".safetensors file)")
-    return build(ControlNet, config, weights, path).to(device=device, dtype=dtype)
+    net = build(ControlNet, config, weights, path).to(device=device, dtype=dtype)
+    net.name, net.model_file = path.stem if path.is_file() else path.name, model_file
+    return net
 
 
 # ---- the pipeline's side ----
@@ -310,6 +316,18 @@ def prepare_control_image(image: Image.Image | str | Path, width: int, height: i
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)    # (3, H, W) in [0, 1]
     copies = batch_size * (2 if guided and not guess_mode else 1)
     return pixels[None].repeat(copies, 1, 1, 1)
+
+
+def control_parameters(controls: list[Control], guess_mode: bool) -> dict[str, str]:
+    """The PNG parameters of the controls as A1111's ControlNet extension writes them (its infotext.py): per unit
+    "ControlNet i" -> "Module: none, Model: NAME [HASH], Weight: ..., Guidance Start: ..., Guidance End: ...", the
+    hash A1111's short one of the weights file (legacy_model_hash). The control image is used as given (module
+    none), resized to the output ("Just Resize"); guess mode is the extension's "ControlNet is more important"."""
+    mode = "ControlNet is more important" if guess_mode else "Balanced"
+    return {f"ControlNet {i}": f"Module: none, Model: {c.controlnet.name} [{legacy_model_hash(c.controlnet.model_file)}]"
+                               f", Weight: {c.scale}, Resize Mode: Just Resize, Low Vram: False, Guidance Start: "
+                               f"{c.start}, Guidance End: {c.end}, Pixel Perfect: False, Control Mode: {mode}"
+            for i, c in enumerate(controls)}
 
 
 def keep(step: int, steps: int, start: float, end: float) -> float:

@@ -654,6 +654,25 @@ def read_json(path: Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
+def read_depth_map(depth_map: Image.Image | str | Path | torch.Tensor) -> torch.Tensor:
+    """A depth map as given to depth2img -> (1, H, W) float32, larger = nearer (inverse depth, as DPT predicts it;
+    only the order matters, depth_to_condition rescales it): an image's grey levels (16-bit and float images as they
+    are, colour ones as luma), or a (H, W) / (1, H, W) tensor."""
+    if isinstance(depth_map, torch.Tensor):
+        if not (depth_map.ndim == 2 or depth_map.ndim == 3 and depth_map.shape[0] == 1) or not depth_map.numel():
+            raise UserError(f"a depth map tensor must be (H, W) or (1, H, W), not {tuple(depth_map.shape)}")
+        return depth_map.reshape(1, *depth_map.shape[-2:]).float()
+    if not isinstance(depth_map, Image.Image):
+        try:
+            depth_map = Image.open(depth_map)
+            depth_map.load()
+        except (OSError, ValueError) as e:   # missing, unreadable, not an image
+            raise UserError(f"depth map {depth_map}: cannot be read as an image ({e})") from None
+    if depth_map.mode not in ("I;16", "I", "F"):
+        depth_map = depth_map.convert("L")
+    return torch.from_numpy(np.asarray(depth_map).astype(np.float32))[None]
+
+
 def depth_to_condition(depth: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     """The depth (B, H', W') as SD 2 depth's UNet takes it beside the latents (its 5th input channel): resized to the
     latents' size (bicubic) and scaled per image to [-1, 1] (inverse depth: the nearest point is 1), as diffusers'

@@ -61,6 +61,17 @@ def model_hash(path: Path | None) -> str | None:
     return digest and digest[:10]
 
 
+def legacy_model_hash(path: Path | None) -> str:
+    """A1111's old short hash, which its ControlNet extension writes beside a ControlNet's name: the first 8 hex digits
+    of the SHA-256 of the 64 KiB at offset 1 MiB of the file (of nothing, for smaller files); "NOFILE" without one."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0x100000)
+            return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+    except (OSError, TypeError):
+        return "NOFILE"
+
+
 def lora_hash(path: Path) -> str | None:
     """A1111's hash of a LoRA in "Lora hashes": the first 12 hex digits of the SHA-256 of a safetensors file's data
     after its header (kohya's and sd-webui-additional-networks' hash, which metadata edits leave unchanged), of the

@@ -9,8 +9,9 @@
     image = vae.decode(vae.unscale_latents(x))                     x / scaling_factor in SD
 
 `denoise` is that loop, a generator that yields a Step (index, t, x, predicted x_0) after each step: progress bars,
-previews and early stops are the caller's. What a request adds to the text is a Conditioning: the inpainting variants
-here, ControlNet and depth later. The settings are a Request (request.py), checked when it is made.
+previews and early stops are the caller's. What a request adds to the text is a list of Conditionings: the
+inpainting variants, the depth map of depth-to-image, ControlNets. The settings are a Request (request.py), checked
+when it is made.
 
 All randomness comes from one torch.Generator seeded once, drawn in the reference's order, so a seed means the same
 image as in diffusers. Each stage runs its network within `runtime.running` (runtime.py), which applies the CPU
@@ -28,6 +29,8 @@ from PIL import Image, ImageFilter
 
 from . import lora, runtime, samplers
 from .clip import CLIPTextModel
+from .controlnet import Control, control_parameters, control_residuals, prepare_control_image
+from .dpt import depth_to_condition, load_depth_estimator, read_depth_map
 from .embeddings import add_embedding
 from .errors import UserError
 from .image import embedding_hash, lora_hash, model_hash, open_rgb, paste_unmasked, to_tensor
@@ -43,6 +46,7 @@ GB = 2**30
 
 Progress = Callable[[int, int], None]  # called with (steps done, steps in all)
 ImageInput = Image.Image | str | Path
+DepthInput = Image.Image | str | Path | torch.Tensor
 
 
 @dataclass
@@ -56,11 +60,18 @@ class Step:
 
 
 class Conditioning:
-    """What an image adds to the text in the loop, beside x: channels the UNet reads (9-channel inpainting; depth
-    later), or a change of x after each step (4-channel inpainting). ControlNet will add residuals the same way."""
+    """What an image adds to the text in the loop, beside x: channels the UNet reads (9-channel inpainting, the
+    depth map), residuals added inside the UNet (ControlNet), or a change of x after each step (4-channel
+    inpainting)."""
 
     def extra_channels(self) -> torch.Tensor | None:
         """(B, c, h, w) put beside x as the UNet's further input channels, or None."""
+        return None
+
+    def residuals(self, x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, i: int, total: int
+                  ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        """At step i of `total`, for the UNet's input x_in (scaled, without extra channels): the residuals to add
+        to its skips and to its mid block's output, or None."""
         return None
 
     def after_step(self, x: torch.Tensor, i: int, timesteps: torch.Tensor, sampler: samplers.Sampler) -> torch.Tensor:
@@ -93,6 +104,27 @@ class KnownRegion(Conditioning):
         return (1 - self.mask) * known + self.mask * x
 
 
+@dataclass
+class DepthMap(Conditioning):
+    """SD 2 depth's 5-channel UNet: the depth map, resized to the latents and scaled to [-1, 1], beside x."""
+    depth: torch.Tensor   # (B, 1, h, w)
+
+    def extra_channels(self) -> torch.Tensor:
+        return self.depth
+
+
+@dataclass
+class ControlNets(Conditioning):
+    """ControlNets (controlnet.py): at every step each one's residuals, summed (diffusers' MultiControlNetModel)."""
+    controls: list[Control]
+    hints: list[torch.Tensor]   # the control images, prepare_control_image's
+    guided: bool
+    guess_mode: bool
+
+    def residuals(self, x_in, t, context, i, total):
+        return control_residuals(self.controls, self.hints, x_in, t, context, i, total, self.guided, self.guess_mode)
+
+
 class Pipeline:
     def __init__(self, tokenizer: Tokenizer, text_encoder: CLIPTextModel, unet: UNet, vae: AutoencoderKL,
                  scheduler_config: dict, default_size: int, name: str):
@@ -103,6 +135,8 @@ class Pipeline:
         self.model_file: Path | None = None       # the weights file whose hash the PNGs carry (checkpoint.load sets it)
         self.loras: list[Path] = []               # the LoRA files merged, and the embeddings loaded (token -> file):
         self.embeddings: dict[str, Path] = {}     # the PNGs carry their hashes
+        self.depth_model: Path | None = None       # depth2img's estimator when no depth map is given: a DPT folder
+                                                   # (SD 2 depth's own folder, whose depth_estimator/ load sets)
         self.vae_scale = vae.config.downscale
         # The sampling loop runs the UNet's convolutions on weights packed for oneDNN (runtime.py); False runs plain
         # nn.Conv2d, whose fp32 results are bit-identical to diffusers' UNet instead of equal to float rounding.
@@ -150,21 +184,25 @@ class Pipeline:
     def txt2img(self, prompt: str, negative_prompt: str = "", steps: int = 50, guidance_scale: float = 7.5,
                 width: int | None = None, height: int | None = None, seed: int | None = None,
                 scheduler: str | None = None, batch_size: int = 1, progress: Progress | None = None,
-                guidance_rescale: float = 0.0, prompt_syntax: str = "plain", clip_skip: int = 1) -> list[Image.Image]:
-        """Images from pure noise (as diffusers' StableDiffusionPipeline)."""
+                guidance_rescale: float = 0.0, prompt_syntax: str = "plain", clip_skip: int = 1,
+                control: list[Control] = (), guess_mode: bool = False) -> list[Image.Image]:
+        """Images from pure noise (as diffusers' StableDiffusionPipeline; with `control`, its ControlNet pipeline:
+        every img2img / inpaint takes `control` and `guess_mode` too)."""
         return self.generate(Request(prompt, negative_prompt, steps, guidance_scale, guidance_rescale, width, height,
-                                     seed, scheduler, batch_size, prompt_syntax, clip_skip), progress=progress)
+                                     seed, scheduler, batch_size, prompt_syntax, clip_skip, controls=list(control),
+                                     guess_mode=guess_mode), progress=progress)
 
     @torch.no_grad()
     def img2img(self, prompt: str, image: ImageInput, strength: float = 0.8, negative_prompt: str = "",
                 steps: int = 50, guidance_scale: float = 7.5, seed: int | None = None, scheduler: str | None = None,
                 batch_size: int = 1, progress: Progress | None = None, guidance_rescale: float = 0.0,
-                prompt_syntax: str = "plain", clip_skip: int = 1) -> list[Image.Image]:
+                prompt_syntax: str = "plain", clip_skip: int = 1, control: list[Control] = (),
+                guess_mode: bool = False) -> list[Image.Image]:
         """Images that start from `image` noised to the timestep `strength` picks (SDEdit, Meng et al. 2022): the
         last strength * steps steps of the schedule are run (as diffusers' StableDiffusionImg2ImgPipeline)."""
         request = Request(prompt, negative_prompt, steps, guidance_scale, guidance_rescale, seed=seed,
                           sampler=scheduler, batch_size=batch_size, prompt_syntax=prompt_syntax, clip_skip=clip_skip,
-                          strength=strength)
+                          strength=strength, controls=list(control), guess_mode=guess_mode)
         return self.generate(request, image, progress=progress)
 
     @torch.no_grad()
@@ -172,7 +210,8 @@ class Pipeline:
                 negative_prompt: str = "", steps: int = 50, guidance_scale: float = 7.5, seed: int | None = None,
                 scheduler: str | None = None, batch_size: int = 1, mask_blur: float = 0,
                 keep_unmasked: bool = False, progress: Progress | None = None, guidance_rescale: float = 0.0,
-                prompt_syntax: str = "plain", clip_skip: int = 1) -> list[Image.Image]:
+                prompt_syntax: str = "plain", clip_skip: int = 1, control: list[Control] = (),
+                guess_mode: bool = False) -> list[Image.Image]:
         """Repaint the white part of `mask`, keep the black part (as diffusers' StableDiffusionInpaintPipeline).
 
         A 9-channel inpainting UNet sees the mask and the masked image's latents beside x at every step; a
@@ -183,16 +222,40 @@ class Pipeline:
         """
         request = Request(prompt, negative_prompt, steps, guidance_scale, guidance_rescale, seed=seed,
                           sampler=scheduler, batch_size=batch_size, prompt_syntax=prompt_syntax, clip_skip=clip_skip,
-                          strength=strength)
+                          strength=strength, controls=list(control), guess_mode=guess_mode)
         return self.generate(request, image, mask, mask_blur, keep_unmasked, progress)
+
+    @torch.no_grad()
+    def depth2img(self, prompt: str, image: ImageInput, depth_map: DepthInput | None = None, strength: float = 0.8,
+                  negative_prompt: str = "", steps: int = 50, guidance_scale: float = 7.5, seed: int | None = None,
+                  scheduler: str | None = None, batch_size: int = 1, progress: Progress | None = None,
+                  guidance_rescale: float = 0.0, prompt_syntax: str = "plain", clip_skip: int = 1,
+                  depth_model: str | Path | None = None) -> list[Image.Image]:
+        """img2img for SD 2 depth's 5-channel UNet, which also reads the image's depth (as diffusers'
+        StableDiffusionDepth2ImgPipeline): `depth_map` (an image, near = bright, or a (1, H, W) tensor of inverse
+        depth), else the estimate of the DPT in `depth_model` (a DPT folder; default: the model folder's own)."""
+        request = Request(prompt, negative_prompt, steps, guidance_scale, guidance_rescale, seed=seed,
+                          sampler=scheduler, batch_size=batch_size, prompt_syntax=prompt_syntax, clip_skip=clip_skip,
+                          strength=strength)
+        return self.generate(request, image, progress=progress, depth=True, depth_map=depth_map,
+                             depth_model=depth_model)
 
     @torch.no_grad()
     def generate(self, request: Request, image: ImageInput | None = None, mask: ImageInput | None = None,
                  mask_blur: float = 0, keep_unmasked: bool = False, progress: Progress | None = None,
+                 depth: bool = False, depth_map: DepthInput | None = None, depth_model: str | Path | None = None,
                  on_step: Callable[[Step], None] | None = None) -> list[Image.Image]:
-        """txt2img, or img2img from `image`, or inpainting of `image` where `mask` is white; each image carries
-        its PNG parameters in info["parameters"]. `on_step` sees each Step of the loop (previews: preview.py)."""
-        if mask is not None:
+        """txt2img, or img2img from `image`, or inpainting of `image` where `mask` is white, or with `depth`
+        depth-to-image of `image` (depth2img); each image carries its PNG parameters in info["parameters"].
+        `on_step` sees each Step of the loop (previews: preview.py)."""
+        self.check_inputs(mask is not None, depth)
+        for i, control in enumerate(request.controls):
+            control.controlnet.check_fits(self.unet.config, f"ControlNet {i} ({control.controlnet.name})")
+        original = None
+        if depth:
+            original = open_rgb(image)
+            image = self.fit(original)
+        elif mask is not None:
             image, mask = open_rgb(image), open_rgb(mask, what="mask").convert("L")
             if mask.size != image.size:
                 raise UserError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is "
@@ -203,21 +266,28 @@ class Pipeline:
             if mask_blur > 0:
                 mask = mask.filter(ImageFilter.GaussianBlur(mask_blur))
             image, mask = self.fit(image), self.fit(mask)
-        elif self.unet.config.in_channels != 4:
-            raise UserError("this is an inpainting checkpoint (9 input channels): use inpaint")
         elif image is not None:
             image = self.fit(open_rgb(image))
         request = self.complete(request, image.size if image is not None else None)
         generator = torch.Generator("cpu").manual_seed(request.seed)   # every random draw of the call comes from it
         sampler = self.build_sampler(request.sampler, request.steps, inpainting=mask is not None)
         context = self.encode_prompt(request)
+        if depth:
+            condition = self.depth_condition(original, image.size, depth_map, depth_model)
         if mask is not None:
             x, timesteps, conditioning = self.start_inpainting(request, image, mask, sampler, generator)
         elif image is not None:
             x, timesteps, conditioning = self.start_img2img(request, image, sampler, generator)
         else:
             x, timesteps, conditioning = self.start_txt2img(request, sampler, generator)
-        for step in self.denoise(x, timesteps, sampler, context, request, generator, conditioning):
+        conditionings = [conditioning] if conditioning else []
+        if depth:
+            conditionings.append(DepthMap(condition.to(self.device, self.dtype).repeat(request.batch_size, 1, 1, 1)))
+        if request.controls:
+            hints = [prepare_control_image(c.image, request.width, request.height, request.batch_size,
+                                           request.guided, request.guess_mode).to(self.device) for c in request.controls]
+            conditionings.append(ControlNets(request.controls, hints, request.guided, request.guess_mode))
+        for step in self.denoise(x, timesteps, sampler, context, request, generator, conditionings):
             x = step.x
             if progress:
                 progress(step.i + 1, step.total)
@@ -229,6 +299,32 @@ class Pipeline:
         for i, generated in enumerate(images):
             generated.info["parameters"] = self.parameters(request, i)
         return images
+
+    def check_inputs(self, inpainting: bool, depth: bool) -> None:
+        """Refuse a call that the UNet's inputs do not fit: a 9-channel UNet inpaints only, a 5-channel one (SD 2
+        depth) runs depth2img only, and depth2img needs one."""
+        channels = self.unet.config.in_channels
+        if depth and channels != 5:
+            raise UserError(f"depth2img needs a depth-to-image checkpoint (5 input channels, as SD 2 depth's); this "
+                            f"one has {channels}")
+        if channels == 5 and not depth:
+            raise UserError("this is a depth-to-image checkpoint (5 input channels): use depth2img")
+        if channels == 9 and not inpainting:
+            raise UserError("this is an inpainting checkpoint (9 input channels): use inpaint")
+
+    def depth_condition(self, image: Image.Image, size: tuple[int, int], depth_map: DepthInput | None,
+                        depth_model: str | Path | None) -> torch.Tensor:
+        """(1, 1, h, w) the depth the 5-channel UNet reads, from `depth_map` or estimated from `image` (the image as
+        given, before it is cut to a multiple of 8) by the DPT in `depth_model` or the model's own."""
+        if depth_map is not None:
+            depth = read_depth_map(depth_map)
+        else:
+            folder = depth_model or self.depth_model
+            if folder is None:
+                raise UserError("no depth map and no depth estimator: give a depth map (--depth-map DEPTH.png) or a "
+                                "DPT folder (--depth-model; SD 2 depth's own folder has one in depth_estimator/)")
+            depth = load_depth_estimator(folder, device=self.device).estimate(image)
+        return depth_to_condition(depth, (size[1] // self.vae_scale, size[0] // self.vae_scale))
 
     def complete(self, request: Request, image_size: tuple[int, int] | None) -> Request:
         """The request with what depends on the model filled in (the sampler, the size: the image's, or the model's
@@ -357,17 +453,21 @@ class Pipeline:
                                   request.prompt_syntax, request.clip_skip)
 
     def denoise(self, x: torch.Tensor, timesteps: torch.Tensor, sampler: samplers.Sampler, context: torch.Tensor,
-                request: Request, generator: torch.Generator, conditioning: Conditioning | None = None
+                request: Request, generator: torch.Generator, conditionings: list[Conditioning] = ()
                 ) -> Iterator[Step]:
         """The loop, x_t -> x_0 in latent space, yielding after each step (the caller may stop at any)."""
-        conditioning = conditioning or Conditioning()
-        extra = conditioning.extra_channels()
+        extras = [extra for c in conditionings if (extra := c.extra_channels()) is not None]
+        extra = torch.cat(extras, dim=1) if extras else None
         if extra is not None and request.guided:
             extra = torch.cat([extra, extra])
         with runtime.running(self.unet, self.packed_convolutions):
             for i, t in enumerate(timesteps):
                 x_in = sampler.scale_input(torch.cat([x, x]) if request.guided else x, t)
-                out = self.unet(x_in if extra is None else torch.cat([x_in, extra], dim=1), t, context)
+                residuals = [r for c in conditionings
+                             if (r := c.residuals(x_in, t, context, i, len(timesteps))) is not None]
+                down, mid = residuals[0] if residuals else (None, None)   # one ControlNets conditioning at most
+                out = self.unet(x_in if extra is None else torch.cat([x_in, extra], dim=1), t, context,
+                                down_residuals=down, mid_residual=mid)
                 if request.guided:
                     uncond, cond = out.chunk(2)
                     out = uncond + request.guidance_scale * (cond - uncond)
@@ -375,7 +475,8 @@ class Pipeline:
                         out = rescale_guidance(out, cond, request.guidance_rescale)
                 x0 = predicted_x0(sampler, out, x_in[:len(x)], t)
                 x = sampler.step(out, t, x, generator)
-                x = conditioning.after_step(x, i, timesteps, sampler)
+                for conditioning in conditionings:
+                    x = conditioning.after_step(x, i, timesteps, sampler)
                 self.check_finite(x, f"the latents after step {i + 1} of {len(timesteps)}")
                 yield Step(i, len(timesteps), t, x, x0)
 
@@ -397,7 +498,7 @@ class Pipeline:
                  "TI hashes": hash_list({token: embedding_hash(path) for token, path in self.embeddings.items()
                                          if calls(token, request)})}
         batch = f", Batch size: {request.batch_size}, Batch pos: {i}" if request.batch_size > 1 else ""
-        return request.parameters(model) + batch
+        return request.parameters(model, control_parameters(request.controls, request.guess_mode)) + batch
 
     def check_finite(self, x: torch.Tensor, what: str) -> None:
         """Stop at the first NaN or infinity, which would otherwise end as a black image."""

@@ -10,10 +10,11 @@ own) and the size (the model's own, or the input image's), which it checks again
 """
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import samplers
 from .errors import UserError
+from .controlnet import Control
 from .image import generation_parameters
 from .lora import split_lora_tags
 
@@ -33,6 +34,8 @@ class Request:
     prompt_syntax: str = "plain"      # prompts.SYNTAXES: "plain", "a1111" or "compel"
     clip_skip: int = 1                # the text encoder's output taken this many layers from the end
     strength: float | None = None     # img2img and inpainting: how far into the schedule the image is noised
+    controls: list[Control] = field(default_factory=list)   # ControlNets and their images (controlnet.py)
+    guess_mode: bool = False          # ControlNets on the conditional half only, residuals scaled 0.1 .. 1
 
     def __post_init__(self):
         check_text("prompt", self.prompt)
@@ -52,6 +55,10 @@ class Request:
             raise UserError(f"seed must be an integer from 0 to 2**64 - 1, not {self.seed}")
         if not 0 <= self.guidance_rescale <= 1:
             raise UserError(f"guidance rescale must be between 0 and 1, not {self.guidance_rescale}")
+        if not all(isinstance(control, Control) for control in self.controls):
+            raise UserError("control must be a list of sdlite.Control(controlnet, image, scale, start, end)")
+        if not isinstance(self.guess_mode, bool):
+            raise UserError(f"guess mode must be True or False, not {self.guess_mode!r}")
         if self.prompt_syntax == "a1111":
             split_lora_tags(self.prompt)   # a malformed <lora:...> tag is refused now, not after the model loads
         if self.seed is None:
@@ -71,15 +78,16 @@ class Request:
         """The prompt the text encoder reads: without the <lora:...> tags, which A1111 takes out (A1111's syntax)."""
         return split_lora_tags(self.prompt)[0] if self.prompt_syntax == "a1111" else self.prompt
 
-    def parameters(self, model: dict) -> str:
+    def parameters(self, model: dict, extensions: dict | None = None) -> str:
         """The PNG "parameters" text A1111 writes for this request; `model` holds the fields the pipeline knows
-        (Model hash, Model, Lora hashes, TI hashes). The size and sampler must have been filled in."""
+        (Model hash, Model, Lora hashes, TI hashes), `extensions` those A1111's extensions add after them
+        ("ControlNet 0", ...). The size and sampler must have been filled in."""
         fields = {"Steps": self.steps, "Sampler": self.sampler, "CFG scale": self.guidance_scale, "Seed": self.seed,
                   "Size": f"{self.width}x{self.height}", "Model hash": model.get("Model hash"),
                   "Model": model.get("Model"), "Denoising strength": self.strength,
                   "Clip skip": self.clip_skip if self.clip_skip > 1 else None,
                   "Guidance rescale": self.guidance_rescale or None,
-                  "Lora hashes": model.get("Lora hashes"), "TI hashes": model.get("TI hashes")}
+                  "Lora hashes": model.get("Lora hashes"), "TI hashes": model.get("TI hashes")} | (extensions or {})
         return generation_parameters(self.prompt, self.negative_prompt if self.guided else "", fields)
 
 

@@ -196,7 +196,7 @@ def test_schedule_plot_without_matplotlib_is_one_line(tmp_path, capsys, monkeypa
 
 
 def test_schedule_plot_is_written(tmp_path, capsys):
-    pytest.importorskip("matplotlib")   # the optional extra sdlite[plot]
+    # matplotlib: the optional extra sdlite[plot], which the test extra includes
     case = Case("improved", tmp_path)
     plot = tmp_path / "schedule.png"
     assert main(["schedule", "--model", str(case.folder), "--steps", "20", "--plot", str(plot)]) == 0

@@ -4,7 +4,6 @@ A single file holds weights only. Which scheduler the model was trained with, wh
 works best and how its tokenizer pads are conventions of the family, which the family's diffusers folders state in
 their scheduler_config.json, unet/config.json and tokenizer/ files. One record per family holds them; the loader
 tells the family from the weights (the text encoder's layout, the UNet's input channels), the trainer starts from one.
-What comes next joins here as one more record: depth-to-image (SD 2 depth: a 5-channel UNet, latents and depth map).
 """
 from dataclasses import dataclass
 
@@ -25,7 +24,8 @@ class Family:
     image_size: int            # the image side it was trained at (the folders' unet sample_size x 8)
     pad_id: int | None         # the token id prompts are padded with up to 77 (None: the model reads no text)
     text_encoder: str | None   # its single files' text encoder layout: "openai" (CLIP ViT-L/14), "openclip" (ViT-H/14)
-    unet_in_channels: int = 4  # the UNet's input: 4 latent channels, 9 for inpainting (latents, mask, masked image)
+    unet_in_channels: int = 4  # the UNet's input: 4 latent channels, 9 for inpainting (latents, mask, masked image),
+                               # 5 for depth-to-image (latents, depth map)
 
     def scheduler_config(self) -> dict:
         """A new scheduler_config.json dict (the caller may change it)."""
@@ -43,6 +43,11 @@ SD2 = Family("sd2", DDIM_SCHEDULER, "v_prediction", 768, pad_id=0, text_encoder=
 # stable-diffusion-2-inpainting: 512, epsilon (so the reference's single-file loader takes a 9-channel SD 2.x file).
 SD2_INPAINTING = Family("sd2-inpainting", DDIM_SCHEDULER, "epsilon", 512, pad_id=0, text_encoder="openclip",
                         unet_in_channels=9)
+# stable-diffusion-2-depth: a 5-channel UNet (latents and a depth map), fine-tuned from the 512 base model: its folder's
+# scheduler_config.json is PNDM with epsilon prediction (its single file 512-depth-ema: the reference's single-file
+# loader does not tell depth files from the 768 v-prediction model, which would not run them).
+SD2_DEPTH = Family("sd2-depth", PNDM_SCHEDULER, "epsilon", 512, pad_id=0, text_encoder="openclip",
+                   unet_in_channels=5)
 # The small models `sdlite train` trains from scratch (64 x 64 unless told otherwise). Text-to-image: SD's schedule and
 # tokenizer, sampled with DDIM by default, which needs few steps.
 SDLITE_TINY = Family("sdlite-tiny", {"_class_name": "DDIMScheduler", **SD_BETAS, "steps_offset": 1,
@@ -55,12 +60,12 @@ PIXEL_DDPM = Family("pixel-ddpm", {"_class_name": "DDPMScheduler", "num_train_ti
                                    "clip_sample": True}, "epsilon", 64, pad_id=None, text_encoder=None,
                     unet_in_channels=3)
 
-SINGLE_FILE_FAMILIES = (SD1, SD1_INPAINTING, SD2, SD2_INPAINTING)
+SINGLE_FILE_FAMILIES = (SD1, SD1_INPAINTING, SD2, SD2_INPAINTING, SD2_DEPTH)
 
 
 def single_file_family(text_layout: str, unet_in_channels: int) -> Family:
     """The family of a single file whose text encoder is in `text_layout` ("openai": SD 1.x, "openclip": SD 2.x); a
-    UNet of neither 4 nor 9 input channels takes its text encoder's family (nothing else is known of it)."""
+    UNet of input channels no record of that text encoder has takes its text encoder's family (nothing else is known of it)."""
     version = SD1 if text_layout == "openai" else SD2
     return next((f for f in SINGLE_FILE_FAMILIES if f.text_encoder == text_layout
                  and f.unet_in_channels == unet_in_channels), version)
