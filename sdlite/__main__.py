@@ -30,10 +30,11 @@ from .checkpoint import load, resolve
 from .controlnet import Control, load_controlnet
 from .errors import UserError
 from .formats.diffusers import read_json
-from .image import check_writable, open_rgb, save_png
+from .image import check_writable, open_rgb, save_png, to_images
 from .lora import find_lora
 from .pixel import PixelPipeline, is_pixel_folder
 from .preprocess import canny_image
+from .preview import Preview, approximate_rgb
 from .request import Request
 from .progress import Progress
 
@@ -141,6 +142,7 @@ def parser(training: bool = True) -> argparse.ArgumentParser:
     sample.add_argument("--out", type=Path, help="output PNG; with --batch-size N, NAME-0.png ... NAME-(N-1).png "
                                                  "(default: sample-SEED.png)")
     sample.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_preview_flags(sample, latent=False)
     plan = commands.add_parser("schedule", help="a model's noise schedule and the samplers' timesteps on it",
                                formatter_class=HelpFormatter)
     plan.set_defaults(run=show_schedule)
@@ -210,6 +212,41 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="output PNG; with --batch-size N, NAME-0.png ... NAME-(N-1).png "
                                             "(default: COMMAND-SEED.png)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_preview_flags(p, latent=True)
+
+
+def add_preview_flags(p: argparse.ArgumentParser, latent: bool) -> None:
+    p.add_argument("--preview", type=Path, metavar="FILE.gif", help="write the denoising as an animated GIF: every "
+                   "--preview-every step's current image above the image the model predicts from it")
+    p.add_argument("--preview-grid", type=Path, metavar="FILE.png", help="write the same frames side by side")
+    p.add_argument("--preview-every", type=int, help="steps between preview frames (default: about 10 frames; the "
+                                                     "last step is always one)")
+    if latent:
+        p.add_argument("--preview-fast", action="store_true", help="preview frames by a linear latent-to-RGB map "
+                       "(SD 1.x's, as A1111's \"Approx cheap\") at 1/8 detail, instead of a VAE decode each")
+
+
+def preview_for(args: argparse.Namespace) -> Preview | None:
+    """The Preview the --preview flags ask for (its decoder set by the caller), its files checked up front."""
+    if args.preview is None and args.preview_grid is None:
+        for flag in ("preview_every", "preview_fast"):
+            if getattr(args, flag, None) not in (None, False):
+                raise UserError(f"--{flag.replace('_', '-')} needs --preview FILE.gif or --preview-grid FILE.png")
+        return None
+    if args.preview is not None:
+        check_outputs(args.preview, 1, args.overwrite, "--preview", ".gif")
+    if args.preview_grid is not None:
+        check_outputs(args.preview_grid, 1, args.overwrite, "--preview-grid")
+    return Preview(to_images, args.preview_every)
+
+
+def write_preview(preview: Preview | None, args: argparse.Namespace) -> None:
+    if preview is None:
+        return
+    for path, save in ((args.preview, preview.save_gif), (args.preview_grid, preview.save_grid)):
+        if path is not None:
+            save(path, args.overwrite)
+            print(path)
 
 
 class ControlFlag(argparse.Action):
@@ -301,6 +338,7 @@ def generate(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag}: no such file: {path}")
     out = args.out or Path(f"{args.command}-{request.seed}.png")
     check_outputs(out, args.batch_size, args.overwrite)
+    preview = preview_for(args)
     pipe = load(model, dtype=DTYPES[args.dtype], device=args.device, prediction_type=args.prediction_type)
     if isinstance(pipe, PixelPipeline):
         raise UserError(f"{model} is a pixel-space model without text: use `sdlite sample --model {model}`")
@@ -318,11 +356,14 @@ def generate(args: argparse.Namespace) -> None:
         if dropped and not args.quiet:
             print(f"warning: the {name}'s last {dropped} tokens are past the 75 that --prompt-syntax "
                   f"{args.prompt_syntax} keeps (--prompt-syntax a1111 encodes them all)", file=sys.stderr)
+    if preview:
+        preview.decode = approximate_rgb if args.preview_fast else pipe.decode
     images = pipe.generate(request, getattr(args, "image", None), getattr(args, "mask", None),
                            getattr(args, "mask_blur", 0), getattr(args, "keep_unmasked", False),
                            Progress(args.command, quiet=args.quiet), depth=args.command == "depth2img",
-                           depth_map=getattr(args, "depth_map", None), depth_model=depth_model)
+                           depth_map=getattr(args, "depth_map", None), depth_model=depth_model, on_step=preview)
     write_images(images, out, args.overwrite)
+    write_preview(preview, args)
 
 
 def write_images(images: list, out: Path, overwrite: bool) -> None:
@@ -347,12 +388,14 @@ def sample_images(args: argparse.Namespace) -> None:
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**32, ()).item())
     out = args.out or Path(f"sample-{seed}.png")
     check_outputs(out, args.batch_size, args.overwrite)
+    preview = preview_for(args)
     pipe = load(args.model, dtype=DTYPES[args.dtype], device=args.device)
     if not isinstance(pipe, PixelPipeline):
         raise UserError(f"{args.model} is a text-to-image model: use `sdlite txt2img PROMPT --model {args.model}`")
     images = pipe.sample(steps=args.steps, scheduler=args.scheduler, batch_size=args.batch_size, seed=seed,
-                         eta=args.eta, progress=Progress("sample", quiet=args.quiet))
+                         eta=args.eta, progress=Progress("sample", quiet=args.quiet), on_step=preview)
     write_images(images, out, args.overwrite)
+    write_preview(preview, args)
 
 
 def show_schedule(args: argparse.Namespace) -> None:
@@ -398,17 +441,17 @@ def lora_flag(text: str) -> tuple[Path, float]:
         return Path(text), 1.0
 
 
-def check_outputs(out: Path, batch_size: int, overwrite: bool) -> None:
+def check_outputs(out: Path, batch_size: int, overwrite: bool, flag: str = "--out", suffix: str = ".png") -> None:
     """Refuse up front an --out that cannot be written, and one whose file is already there (without --overwrite):
     `out`, or with a batch OUT-0.png ... OUT-(N-1).png (found by reading the folder, whatever N)."""
-    if out.suffix.lower() != ".png":
-        raise UserError(f"--out must name a .png file, not {out}")
+    if out.suffix.lower() != suffix:
+        raise UserError(f"{flag} must name a {suffix} file, not {out}")
     try:
         out.exists()                             # a name too long, a file where a folder should be, ...
     except OSError as e:
-        raise UserError(f"--out: {out}: {e.strerror}") from None
+        raise UserError(f"{flag}: {out}: {e.strerror}") from None
     if not out.parent.is_dir():
-        raise UserError(f"--out: folder {out.parent} does not exist")
+        raise UserError(f"{flag}: folder {out.parent} does not exist")
     check_writable(out.parent)
     if batch_size == 1:
         taken = [out] if os.path.lexists(out) else []
@@ -418,9 +461,9 @@ def check_outputs(out: Path, batch_size: int, overwrite: bool) -> None:
                        if (match := pattern.fullmatch(p.name)) and int(match[1]) < batch_size)
     for path in taken:
         if path.is_dir():
-            raise UserError(f"--out: {path} is a folder: name a .png file")
+            raise UserError(f"{flag}: {path} is a folder: name a {suffix} file")
         if not overwrite:
-            raise UserError(f"{path} exists: choose another --out or pass --overwrite")
+            raise UserError(f"{path} exists: choose another {flag} or pass --overwrite")
 
 
 if __name__ == "__main__":

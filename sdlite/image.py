@@ -244,3 +244,13 @@ def paste_unmasked(generated: Image.Image, original: Image.Image, mask: Image.Im
     out = Image.composite(generated, original, mask)
     out.info = dict(generated.info)
     return out
+
+
+def grid(images: list[Image.Image], columns: int) -> Image.Image:
+    """The images in rows of `columns`, on white (in the first image's mode: RGB, or L for grey images)."""
+    w, h = images[0].size
+    rows = -(-len(images) // columns)
+    out = Image.new(images[0].mode, (columns * w, rows * h), "white")
+    for i, image in enumerate(images):
+        out.paste(image, ((i % columns) * w, (i // columns) * h))
+    return out

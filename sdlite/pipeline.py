@@ -243,10 +243,11 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, request: Request, image: ImageInput | None = None, mask: ImageInput | None = None,
                  mask_blur: float = 0, keep_unmasked: bool = False, progress: Progress | None = None,
-                 depth: bool = False, depth_map: DepthInput | None = None, depth_model: str | Path | None = None
-                 ) -> list[Image.Image]:
+                 depth: bool = False, depth_map: DepthInput | None = None, depth_model: str | Path | None = None,
+                 on_step: Callable[[Step], None] | None = None) -> list[Image.Image]:
         """txt2img, or img2img from `image`, or inpainting of `image` where `mask` is white, or with `depth`
-        depth-to-image of `image` (depth2img); each image carries its PNG parameters in info["parameters"]."""
+        depth-to-image of `image` (depth2img); each image carries its PNG parameters in info["parameters"].
+        `on_step` sees each Step of the loop (previews: preview.py)."""
         self.check_inputs(mask is not None, depth)
         for i, control in enumerate(request.controls):
             control.controlnet.check_fits(self.unet.config, f"ControlNet {i} ({control.controlnet.name})")
@@ -290,6 +291,8 @@ class Pipeline:
             x = step.x
             if progress:
                 progress(step.i + 1, step.total)
+            if on_step:
+                on_step(step)
         images = self.decode(x)
         if keep_unmasked:
             images = [paste_unmasked(generated, image, mask) for generated in images]

@@ -9,7 +9,7 @@ the x_0 estimate to [-1, 1] as their configs say); images (x / 2 + 0.5) clamped 
 """
 import random
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from PIL import Image
@@ -117,8 +117,9 @@ class PixelPipeline:
 
     @torch.no_grad()
     def sample(self, steps: int = 1000, scheduler: str | None = None, batch_size: int = 1, seed: int | None = None,
-               eta: float = 0.0, progress=None) -> list[Image.Image]:
-        """batch_size images from pure noise in `steps` steps of the sampler `scheduler` (default: the folder's)."""
+               eta: float = 0.0, progress=None, on_step: Callable[[Step], None] | None = None) -> list[Image.Image]:
+        """batch_size images from pure noise in `steps` steps of the sampler `scheduler` (default: the folder's);
+        `on_step` sees each Step of the loop (previews: preview.py)."""
         name = scheduler or self.default_sampler
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, not {batch_size}")
@@ -138,6 +139,8 @@ class PixelPipeline:
             x = step.x
             if progress:
                 progress(step.i + 1, step.total)
+            if on_step:
+                on_step(step)
         fields = {"Steps": steps, "Sampler": name, "Eta": eta or None, "Seed": seed, "Size": f"{width}x{height}",
                   "Model hash": model_hash(self.model_file), "Model": self.name}
         parameters = generation_parameters("", "", fields).lstrip("\n")

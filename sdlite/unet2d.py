@@ -114,6 +114,25 @@ class UNet2DConfig:
         config.check(where)
         return config
 
+    def to_json(self) -> dict:
+        """The diffusers UNet2DModel unet/config.json keys that from_json reads back to this config."""
+        height, width = self.sample_size
+        return {
+            "sample_size": height if height == width else [height, width],
+            "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "block_out_channels": list(self.block_out_channels), "layers_per_block": self.layers_per_block,
+            "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in self.attention_levels],
+            "mid_block_type": "UNetMidBlock2D" if self.mid_block else None,
+            "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.up_attention_levels)],
+            "add_attention": self.mid_attention, "attention_head_dim": self.attention_head_dim,
+            "norm_num_groups": self.norm_num_groups, "attn_norm_num_groups": self.attn_norm_num_groups,
+            "norm_eps": self.norm_eps, "act_fn": self.act_fn, "resnet_time_scale_shift": self.resnet_time_scale_shift,
+            "time_embedding_type": "positional", "time_embedding_dim": self.time_embedding_dim,
+            "flip_sin_to_cos": self.flip_sin_to_cos, "freq_shift": self.freq_shift,
+            "downsample_padding": self.downsample_padding, "mid_block_scale_factor": self.mid_block_scale_factor,
+            "center_input_sample": self.center_input_sample,
+        }
+
     def check(self, where) -> None:
         """Positive sizes, an image size the levels can halve; GroupNorm groups and heads that divide the widths."""
         sizes = [self.in_channels, self.out_channels, self.layers_per_block, self.norm_num_groups,

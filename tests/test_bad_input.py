@@ -438,6 +438,12 @@ def test_misaligned_safetensors_are_read_as_the_library_reads_them(tmp_path):
     (["--seed", "-1"], ["--seed"]),
     (["--threads", "0"], ["--threads", "at least 1"]),
     (["--caption", "a \udcff"], ["--caption", "UTF-8"]),
+    (["--epochs", "0"], ["--epochs", "above 0"]),
+    (["--epochs", "inf"], ["--epochs", "inf"]),
+    (["--weight-decay", "-1"], ["--weight-decay", "0 or more"]),
+    (["--weight-decay", "nan"], ["--weight-decay", "nan"]),
+    (["--flip"], ["--flip", "--pixel"]),
+    (["--channels", "1"], ["--channels", "--pixel"]),
 ])
 def test_train_mistakes(capsys, tmp_path, flags, words):
     out = tmp_path / "run"

@@ -15,11 +15,13 @@ import sdlite
 from sdlite import UserError
 from sdlite.__main__ import main
 from sdlite.pixel import PixelPipeline
+from sdlite.train import cli
 from sdlite.unet2d import UNET2D_IMPLEMENTED, UNET2D_REFUSED, UNet2DConfig, renamed_old_attention_keys
 
 FIXTURES = Path(__file__).parent / "fixtures"
 sys.path.insert(0, str(FIXTURES))
 from make_unet import random_weights  # noqa: E402  (the weights are redrawn from a seed, not stored)
+import make_pixel_roundtrip as roundtrip  # noqa: E402  (its tiny UNet, images and train arguments)
 from tolerances import float_rounding_tolerance  # noqa: E402
 
 CASES = ["cifar10", "cat", "celebahq", "butterflies", "improved", "plain"]
@@ -217,3 +219,71 @@ def test_denoise_yields_each_step_and_the_images_come_from_the_last(tmp_path):
     images = pipe.sample(steps=5, batch_size=2, seed=7)
     last = ((steps[-1].x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
     assert np.array_equal(np.stack([np.array(image) for image in images]), last.numpy())
+
+
+def roundtrip_fixture(name: str) -> tuple[dict, dict]:
+    with safe_open(FIXTURES / f"pixel_roundtrip_{name}.safetensors", "pt") as f:
+        return f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+
+
+def roundtrip_folder(meta: dict, tensors: dict, folder: Path) -> Path:
+    """The folder the fixture's train command wrote, from its recorded files and weights."""
+    for part in roundtrip.FOLDER_FILES:
+        (folder / part).parent.mkdir(parents=True, exist_ok=True)
+        (folder / part).write_text(meta[part])
+    save_file({key[5:]: value for key, value in tensors.items() if key.startswith("unet.")},
+              folder / "unet" / "diffusion_pytorch_model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("name", ["rgb", "grey"])
+def test_trained_folder_samples_as_the_reference_does(name, tmp_path, capsys):
+    """The folder `train --pixel` wrote, read by diffusers' DDPMPipeline (make_pixel_roundtrip.py): sdlite.load and
+    `python -m sdlite sample` give its images, same seed."""
+    meta, tensors = roundtrip_fixture(name)
+    folder = roundtrip_folder(meta, tensors, tmp_path / "run")
+    seed, steps = int(meta["seed"]), int(meta["steps"])
+    images = sdlite.load(folder).sample(steps=steps, batch_size=2, seed=seed)
+    ours = torch.from_numpy(np.stack([np.array(image) for image in images])).int()
+    reference = tensors["ddpm"].int()
+    assert ours.shape == reference.shape
+    # float rounding of the same computation, rounded to uint8 at the end: one level, at most two after a few steps
+    # (as test_images_match_reference_pipelines)
+    assert (ours - reference).abs().max() <= 2
+    assert main(["sample", "--model", str(folder), "--steps", str(steps), "--batch-size", "2", "--seed", str(seed),
+                 "--out", str(tmp_path / "s.png"), "--quiet"]) == 0
+    for i, image in enumerate(images):   # the same code path in the same process: the same pixels
+        assert np.array_equal(np.array(Image.open(tmp_path / f"s-{i}.png")), np.array(image))
+
+
+@pytest.mark.parametrize("name", ["rgb", "grey"])
+def test_train_pixel_writes_the_layout_the_reference_read(name, tmp_path, monkeypatch):
+    """`train --pixel` writes the DDPMPipeline folder the fixture's diffusers read: the same model_index.json,
+    unet/config.json (a UNet2DModel) and scheduler config, the same weight names and shapes."""
+    meta, tensors = roundtrip_fixture(name)
+    monkeypatch.setattr(cli, "PIXEL_UNET", roundtrip.TINY_UNET)
+    roundtrip.write_images(tmp_path / "data", grey=name == "grey")
+    channels = roundtrip.CASES[name]
+    assert main(roundtrip.train_arguments(tmp_path / "data", tmp_path / "run", channels)) == 0
+    for part in roundtrip.FOLDER_FILES:
+        assert json.loads((tmp_path / "run" / part).read_text()) == json.loads(meta[part]), part
+    with safe_open(tmp_path / "run" / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+    assert shapes == {key[5:]: list(value.shape) for key, value in tensors.items() if key.startswith("unet.")}
+    pipe = sdlite.load(tmp_path / "run")
+    assert isinstance(pipe, PixelPipeline) and pipe.unet.config.in_channels == int(channels)
+
+
+def test_sample_writes_previews(tmp_path, capsys):
+    """sample --preview / --preview-grid: a frame every 2nd step and the last; the last frame's top row holds the
+    images written."""
+    folder = roundtrip_folder(*roundtrip_fixture("grey"), tmp_path / "run")
+    assert main(["sample", "--model", str(folder), "--steps", "5", "--batch-size", "2", "--seed", "4", "--out",
+                 str(tmp_path / "s.png"), "--preview", str(tmp_path / "s.gif"), "--preview-grid",
+                 str(tmp_path / "g.png"), "--preview-every", "2", "--quiet"]) == 0
+    with Image.open(tmp_path / "s.gif") as gif:
+        assert gif.n_frames == 3 and gif.size == (16, 16)   # steps 2, 4, 5; two 8 x 8 images side by side, 2 rows
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert grid.shape == (16, 48)
+    for i in range(2):
+        assert np.array_equal(grid[:8, 32 + 8 * i:40 + 8 * i], np.asarray(Image.open(tmp_path / f"s-{i}.png")))

@@ -15,12 +15,13 @@ from PIL import Image
 import sdlite
 from sdlite.clip import CLIPTextConfig, CLIPTextModel
 from sdlite.formats.diffusers import save_folder
-from sdlite.formats.families import PIXEL_DDPM, SDLITE_TINY
+from sdlite.formats.families import SDLITE_TINY
 from sdlite.image import to_images, to_tensor
 from sdlite.samplers.training_schedule import alphas_cumprod
 from sdlite.tokenizer import Tokenizer
 from sdlite.train import cli, data, loop, objectives, scenes, stages
 from sdlite.unet import UNet, UNetConfig
+from sdlite.unet2d import UNet2DConfig
 from sdlite.vae import AutoencoderKL, VAEConfig
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "default"
@@ -78,7 +79,7 @@ def test_vae_loss_falls(tmp_path):
     images, _ = scene_images(64, 16)
     torch.manual_seed(0)
     vae = AutoencoderKL(TINY_VAE)
-    trainer = loop.Trainer("vae", vae, lambda m, g: objectives.vae_loss(m, images, 1e-4, g, 16),
+    trainer = loop.Trainer("vae", vae, lambda m, g, share: objectives.vae_loss(m, images, 1e-4, g, 16, share),
                             quiet(steps=60, lr=3e-3, warmup_steps=5), tmp_path)
     first = np.mean([trainer.train_step() for _ in range(5)])
     trainer.run()
@@ -111,11 +112,11 @@ def test_v_prediction_target():
     x0 = torch.randn(2, 4, 8, 8)
 
     class Oracle(torch.nn.Module):
-        def forward(self, x_t, t, context):  # x_t = 0.6 x0 + 0.8 eps -> v = 0.6 eps - 0.8 x0
+        def forward(self, x_t, t):  # x_t = 0.6 x0 + 0.8 eps -> v = 0.6 eps - 0.8 x0
             eps = (x_t - 0.6 * x0) / 0.8
             return 0.6 * eps - 0.8 * x0
 
-    loss = objectives.diffusion_loss(Oracle(), x0, None, alpha_bar, "v_prediction", torch.Generator().manual_seed(0))
+    loss = objectives.diffusion_loss(Oracle(), x0, alpha_bar, "v_prediction", torch.Generator().manual_seed(0))
     assert loss.item() < 1e-10
 
 
@@ -124,8 +125,8 @@ def trainer_for(out: Path, steps: int) -> loop.Trainer:
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.SiLU(), torch.nn.Linear(8, 1))
     data = torch.randn(64, 4)
 
-    def loss(m, g):
-        x = data[torch.randint(64, (8,), generator=g)]
+    def loss(m, g, share):
+        x = data[torch.randint(64, (8,), generator=g)][share]
         return (m(x).squeeze(1) - x.sum(1)).pow(2).mean()
     return loop.Trainer("toy", model, loss, quiet(steps=steps, lr=1e-2, warmup_steps=2, ema_decay=0.9), out)
 
@@ -221,12 +222,14 @@ def test_folder_without_captions_needs_one_caption(tmp_path):
 
 def test_pixel_model_trains_and_samples(tmp_path):
     images, _ = scene_images(32, 16)
-    config = UNetConfig(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-                        attention_levels=(False, False), heads=(2, 2), cross_attention_dim=32)
-    unet = stages.train_pixel(images, config, quiet(steps=3, batch_size=4), tmp_path)
-    samples = stages.sample_pixels(unet, PIXEL_DDPM.scheduler_config(), n=2, size=16, steps=3, seed=0)
-    assert samples.shape == (2, 3, 16, 16) and samples.abs().max() <= 1
+    config = UNet2DConfig(sample_size=(16, 16), block_out_channels=(8, 16), layers_per_block=1,
+                          attention_levels=(False, True), up_attention_levels=(False, True), attention_head_dim=8,
+                          norm_num_groups=4)
+    pipe = stages.train_pixel(images, config, quiet(steps=3, batch_size=4, sample_every=3), tmp_path)
+    samples = pipe.sample(steps=3, batch_size=2, seed=0)
+    assert [image.size for image in samples] == [(16, 16)] * 2
     assert (tmp_path / "train" / "pixel-unet.pt").exists()
+    assert Image.open(tmp_path / "samples" / "pixel-unet-000003.png").size == (8 * 16, 16)   # 8 samples in a row
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +275,82 @@ def test_generating_does_not_import_training(tmp_path):
                             cwd=Path(__file__).resolve().parent.parent)
     assert result.stdout.splitlines()[-1:] == ["0 []"], result.stderr
     assert out.exists()
+
+
+@pytest.mark.parametrize("distance, error, expected", [
+    ("mse", 0.5, 0.25), ("mse", 3.0, 9.0), ("l1", 0.5, 0.5), ("l1", -3.0, 3.0),
+    ("huber", 0.5, 0.125), ("huber", 3.0, 2.5),   # d^2 / 2 below 1, |d| - 1/2 above
+])
+def test_loss_distances(distance, error, expected):
+    """--loss: a UNet off by the same `error` everywhere has the squared, absolute or Huber error as its loss."""
+    alpha_bar = torch.full((1000,), 0.36)
+    x0 = torch.randn(2, 3, 4, 4)
+
+    class OffBy(torch.nn.Module):
+        def forward(self, x_t, t):   # x_t = 0.6 x0 + 0.8 eps -> eps + error
+            return (x_t - 0.6 * x0) / 0.8 + error
+
+    loss = objectives.diffusion_loss(OffBy(), x0, alpha_bar, "epsilon", torch.Generator().manual_seed(0), distance)
+    # each of the 96 terms is eps recovered through 3 float32 operations (a few eps32 off), then averaged: far
+    # under 100 eps32 = 1.2e-5 relative
+    assert loss.item() == pytest.approx(expected, rel=100 * torch.finfo(torch.float32).eps)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_flip_mirrors_about_half_the_images(flip):
+    """--flip: each drawn image is the image or its mirror image, about half of them mirrored; without, none."""
+    image = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)   # no left-right symmetry
+    seen = []
+
+    class Record(torch.nn.Module):
+        def forward(self, x_t, t):
+            seen.append(x_t)
+            return torch.zeros_like(x_t)
+
+    alpha_bar = torch.ones(1000)   # x_t = x_0: the UNet sees the drawn images themselves
+    objectives.pixel_loss(image, alpha_bar, 200, flip=flip)(Record(), torch.Generator().manual_seed(0))
+    mirrored = (seen[0] == image.flip(-1)).flatten(1).all(1)
+    assert torch.all(mirrored | (seen[0] == image).flatten(1).all(1))
+    assert (60 < mirrored.sum() < 140) if flip else not mirrored.any()   # Binomial(200, 1/2): 100 +- 5 sigma
+
+
+def test_pixel_options_from_the_command_line(tmp_path, monkeypatch):
+    """A folder of grey 10 x 7 images is cropped and resized to --size, stays one channel (inferred), trains for
+    --epochs (ceil(epochs x images / batch) steps) with --loss, --flip and --weight-decay, and saves its folder."""
+    data = tmp_path / "digits"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (7, 10), dtype=np.uint8)).save(data / f"{i}.png")
+    used = {}
+
+    def record(images, unet_config, config, out, distance, flip):
+        used.update(images=images, config=config, distance=distance, flip=flip)
+        return train_pixel(images, unet_config, config, out, distance, flip)
+
+    train_pixel = stages.train_pixel
+    monkeypatch.setattr(cli, "train_pixel", record)
+    monkeypatch.setattr(cli, "PIXEL_UNET", UNet2DConfig(block_out_channels=(4, 8), attention_levels=(False, False),
+                                                        up_attention_levels=(False, False), norm_num_groups=2,
+                                                        layers_per_block=1, mid_attention=False))
+    run_train_command("--data", str(data), "--pixel", "--size", "8", "--epochs", "1.5", "--batch-size", "4",
+                      "--loss", "huber", "--flip", "--weight-decay", "0.3", "--sample-every", "0",
+                      "--out", str(tmp_path / "run"))
+    assert used["images"].shape == (6, 1, 8, 8) and used["distance"] == "huber" and used["flip"]
+    assert used["config"].steps == 3 and used["config"].weight_decay == 0.3   # ceil(1.5 x 6 / 4)
+    assert (tmp_path / "run" / "pixel-unet-loss.csv").read_text().splitlines()[-1].startswith("3,")
+    state = torch.load(tmp_path / "run" / "train" / "pixel-unet.pt", weights_only=True)
+    assert all(group["weight_decay"] == 0.3 for group in state["optimizer"]["param_groups"])
+    pipe = sdlite.load(tmp_path / "run")
+    assert pipe.unet.config.in_channels == 1 and pipe.unet.config.sample_size == (8, 8)
+    assert pipe.sample(steps=2, seed=0)[0].mode == "L"
+
+
+def test_grey_channels_are_refused_for_colour_images():
+    images = np.zeros((2, 4, 4, 3), dtype=np.uint8)
+    assert data.with_channels(images, None).shape == (2, 4, 4, 1)
+    assert data.with_channels(images, 3).shape == (2, 4, 4, 3)
+    images[1, 0, 0, 2] = 9
+    assert data.with_channels(images, None).shape == (2, 4, 4, 3)
+    with pytest.raises(sdlite.UserError, match="--channels 1"):
+        data.with_channels(images, 1)

@@ -2,6 +2,7 @@
 
     model_index.json                    which class each component is
     unet/         config.json           UNetConfig.from_json / to_json     diffusion_pytorch_model.safetensors
+                                        (a pixel model's DDPMPipeline folder: UNet2DConfig, no vae/ nor text)
     vae/          config.json           VAEConfig.from_json / to_json      diffusion_pytorch_model.safetensors
     text_encoder/ config.json           CLIPTextConfig.from_json           model.safetensors (transformers' names)
     tokenizer/    vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json (or tokenizer.json)
@@ -107,6 +108,18 @@ def save_folder(pipe, out: Path, dtype: torch.dtype = torch.float16) -> None:
     save_vae(pipe.vae, out / "vae", dtype)
     save_text_encoder(pipe.text_encoder, out / "text_encoder", dtype)
     save_tokenizer(pipe.tokenizer, out / "tokenizer")
+    save_scheduler(pipe.scheduler_config, out / "scheduler")
+
+
+def save_pixel_folder(pipe, out: Path, dtype: torch.dtype = torch.float32) -> None:
+    """A PixelPipeline as diffusers' DDPMPipeline folder: model_index.json, unet/ (a UNet2DModel), scheduler/, so
+    that sdlite.load and diffusers' DDPMPipeline.from_pretrained both read it."""
+    write_json(out / "model_index.json", {
+        "_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+        "scheduler": ["diffusers", pipe.scheduler_config["_class_name"]], "unet": ["diffusers", "UNet2DModel"]})
+    write_json(out / "unet" / "config.json", {
+        "_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION, **pipe.unet.config.to_json()})
+    save_weights(pipe.unet.state_dict(), out / "unet" / "diffusion_pytorch_model.safetensors", dtype)
     save_scheduler(pipe.scheduler_config, out / "scheduler")
 
 

@@ -9,21 +9,25 @@ checkpoint's UNet; --pixel trains DDPM on the images themselves. What --out/trai
 """
 import argparse
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..checkpoint import load
 from ..errors import UserError
-from ..formats.diffusers import save_folder, save_scheduler, save_unet
-from ..formats.families import PIXEL_DDPM, SDLITE_TINY
+from ..formats.diffusers import save_folder, save_pixel_folder
+from ..formats.families import SDLITE_TINY
 from ..image import to_tensor
 from ..request import check_text
+from ..unet2d import UNet2DConfig
 from ..vae import VAEConfig
 from . import scenes
-from .data import read_folder
-from .loop import TrainConfig
+from .data import read_folder, with_channels
+from .loop import TrainConfig, process_group
+from .objectives import DISTANCES
 from .stages import (DEFAULT_VAE, PIXEL_UNET, new_pipeline, train_pixel, train_text_to_image,
                      train_vae)
 
@@ -46,13 +50,22 @@ def add_command(subparsers, formatter_class=argparse.RawDescriptionHelpFormatter
     p.add_argument("--size", type=int, default=SDLITE_TINY.image_size, help="image side in pixels for a new model, a multiple of 16 "
                    "(4 with --pixel; default: 64; fine-tuning uses the checkpoint's own size)")
     p.add_argument("--scenes", type=int, default=10000, help="number of generated scene images (--data scenes)")
-    p.add_argument("--steps", type=int, default=3500, help="UNet training steps")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=3500, help="UNet training steps")
+    length.add_argument("--epochs", type=float, help="UNet training length in passes over the data instead of "
+                                                     "--steps: epochs x images / batch size steps, rounded up")
     p.add_argument("--vae-steps", type=int, default=2000, help="VAE training steps (new latent models)")
     p.add_argument("--batch-size", type=int, default=32, help="UNet batch size")
     p.add_argument("--vae-batch-size", type=int, default=16, help="VAE batch size")
     p.add_argument("--vae-lr", type=float, default=2e-3, help="the VAE's peak learning rate")
     p.add_argument("--kl-weight", type=float, default=1e-6, help="weight of the VAE's KL term")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (fine-tuning: use ~1e-5)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's decoupled weight decay")
+    p.add_argument("--loss", choices=list(DISTANCES), default="mse", help="the UNet's error: squared (DDPM's), "
+                   "absolute, or Huber's")
+    p.add_argument("--flip", action="store_true", help="mirror each training image left-right at random (--pixel)")
+    p.add_argument("--channels", type=int, choices=[1, 3], help="--pixel: the image channels (default: 1 if every "
+                   "image of --data is grey, else 3)")
     p.add_argument("--warmup-steps", type=int, default=100, help="steps of linear learning-rate warm-up")
     p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the saved EMA weights")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipped to this")
@@ -82,6 +95,12 @@ def check_arguments(args: argparse.Namespace) -> None:
     for flag, value in positive.items():
         if not 0 < value < math.inf:
             raise UserError(f"{flag} must be a finite number above 0, not {value}")
+    if args.epochs is not None and not 0 < args.epochs < math.inf:
+        raise UserError(f"--epochs must be a finite number above 0, not {args.epochs}")
+    if not 0 <= args.weight_decay < math.inf:
+        raise UserError(f"--weight-decay must be a finite number of 0 or more, not {args.weight_decay}")
+    if not args.pixel and (args.flip or args.channels):
+        raise UserError(f"{'--flip' if args.flip else '--channels'} is an option of --pixel training only")
     if not 0 <= args.kl_weight < math.inf:
         raise UserError(f"--kl-weight must be a finite number of 0 or more, not {args.kl_weight}")
     if not 0 <= args.ema_decay <= 1:
@@ -101,8 +120,21 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Whatever --out/train/ holds is resumed: a finished stage is not trained again."""
+    """Whatever --out/train/ holds is resumed: a finished stage is not trained again. Started by torchrun (WORLD_SIZE
+    processes), the run is data-parallel over them (loop.py); process 0 writes the files."""
     check_arguments(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")   # torchrun's rendezvous (MASTER_ADDR, RANK, ...); the trainer runs on the CPU
+        try:
+            train(args)
+        finally:
+            dist.destroy_process_group()
+    else:
+        train(args)
+
+
+def train(args: argparse.Namespace) -> None:
+    """Read the data, train the stages, save the model."""
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -110,8 +142,8 @@ def run(args: argparse.Namespace) -> None:
     except OSError as e:
         raise UserError(f"--out: cannot create {args.out}: {e.strerror}") from None
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                         grad_clip=args.grad_clip, ema_decay=args.ema_decay, bf16=args.bf16, seed=args.seed,
-                         sample_every=args.sample_every, save_every=args.save_every)
+                         weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
+                         bf16=args.bf16, seed=args.seed, sample_every=args.sample_every, save_every=args.save_every)
     pipe = None
     if args.model:
         pipe = load(args.model)
@@ -121,12 +153,19 @@ def run(args: argparse.Namespace) -> None:
     else:
         caption = "" if args.pixel and args.caption is None else args.caption  # the pixel model reads no captions
         images, captions = read_folder(Path(args.data), size, caption)
-    images = to_tensor(images)
-    print(f"{len(images)} images of {size} x {size}", flush=True)
+    images = to_tensor(with_channels(images, args.channels) if args.pixel else images)
+    if process_group()[0] == 0:
+        print(f"{len(images)} images of {size} x {size}", flush=True)
+    if args.epochs is not None:
+        config.steps = math.ceil(args.epochs * len(images) / args.batch_size)
     if args.pixel:
-        unet = train_pixel(images, PIXEL_UNET, config, args.out)
-        save_unet(unet, args.out / "unet", size, torch.float32)
-        save_scheduler(PIXEL_DDPM.scheduler_config(), args.out / "scheduler")
+        channels = images.shape[1]
+        unet_config = UNet2DConfig(**{**asdict(PIXEL_UNET), "sample_size": (size, size), "in_channels": channels,
+                                      "out_channels": channels})
+        pipe = train_pixel(images, unet_config, config, args.out, args.loss, args.flip)
+        if process_group()[0] == 0:
+            save_pixel_folder(pipe, args.out)
+            print(f"saved {args.out}", flush=True)
         return
     if pipe is None:
         vae_training = TrainConfig(**{**asdict(config), "steps": args.vae_steps, "batch_size": args.vae_batch_size,
@@ -137,6 +176,7 @@ def run(args: argparse.Namespace) -> None:
     if args.prediction_type:
         pipe.scheduler_config["prediction_type"] = args.prediction_type
     pipe = train_text_to_image(pipe, images, captions, config, args.out, args.train_text_encoder,
-                               SAMPLE_PROMPTS if args.data == "scenes" else captions[:6])
-    save_folder(pipe, args.out)
-    print(f"saved {args.out}", flush=True)
+                               SAMPLE_PROMPTS if args.data == "scenes" else captions[:6], args.loss)
+    if process_group()[0] == 0:
+        save_folder(pipe, args.out)
+        print(f"saved {args.out}", flush=True)

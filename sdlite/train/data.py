@@ -1,6 +1,7 @@
 """What the stages train on: a folder of images with a caption beside each (read_folder), or sdlite's generated
-shapes (scenes.py). Either gives uint8 (N, size, size, 3) images and their captions; image.to_tensor makes the
-images the (N, 3, size, size) tensor in [-1, 1] that the VAE and the pixel UNet take."""
+shapes (scenes.py). Either gives uint8 (N, size, size, 3) images and their captions (with_channels: 1 channel for a
+grey pixel model); image.to_tensor makes the images the (N, C, size, size) tensor in [-1, 1] that the VAE and the
+pixel UNet take."""
 from pathlib import Path
 
 import numpy as np
@@ -34,3 +35,14 @@ def read_folder(folder: Path, size: int, caption: str | None) -> tuple[np.ndarra
         except (UnicodeDecodeError, OSError) as e:
             raise UserError(f"{text}: not a readable UTF-8 caption ({e})") from None
     return images, captions
+
+
+def with_channels(images: np.ndarray, channels: int | None) -> np.ndarray:
+    """uint8 (N, H, W, 3) RGB images as (N, H, W, channels): 1 keeps the first channel of images that are grey
+    (R = G = B), which a one-channel model (MNIST's) is trained on; None: 1 if every image is grey, else 3."""
+    grey = bool((images == images[..., :1]).all())
+    if channels is None:
+        channels = 1 if grey else 3
+    if channels == 1 and not grey:
+        raise UserError("--channels 1: the images are not all grey (R = G = B); convert them, or use --channels 3")
+    return images[..., :channels]

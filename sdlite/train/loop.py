@@ -3,6 +3,12 @@ then decays along a half cosine (Loshchilov & Hutter 2017, SGDR), gradient-norm 
 the CPU, and an exponential moving average of the weights (Polyak averaging; the EMA weights are what is sampled and
 saved). Each stage keeps its state in OUT/train/STAGE.pt, so an interrupted run resumes where it stopped; a batch
 depends only on the seed and the step number, so a resumed run takes the same steps as an uninterrupted one.
+
+Data-parallel (under torchrun, torch.distributed initialised by cli.py): each of the N processes computes the loss on
+its N-th of the global batch (every process draws the whole batch from the same generator and keeps its share), the
+model wrapped in DistributedDataParallel, which averages the gradients across processes; so every process takes the
+step a single process would take on the whole batch, to float rounding. Process 0 alone writes the state, the logs
+and the sample grids; the state holds nothing per-process, so any number of processes resumes it.
 """
 import copy
 import math
@@ -12,7 +18,9 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import UserError
 from ..progress import Progress
@@ -61,6 +69,23 @@ class EMA:
                 ema.lerp_(p.detach(), 1 - d)
 
 
+class Objective(torch.nn.Module):
+    """The model and its loss as one module, whose forward is the loss: what DistributedDataParallel wraps (it
+    averages the gradients of the parameters used in forward)."""
+
+    def __init__(self, model: torch.nn.Module, loss: Loss):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, generator: torch.Generator, share: slice) -> torch.Tensor:
+        return self.loss(self.model, generator, share)
+
+
+def process_group() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) outside torch.distributed."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 class Trainer:
     """The loop every stage shares. `loss(model, generator)` draws its batch from the generator it is given, which
     is seeded with (seed, step): so the run is the same whether or not it was stopped and resumed."""
@@ -75,6 +100,15 @@ class Trainer:
             self.optimizer, lambda s: cosine_with_warmup(s, config.warmup_steps, config.steps))
         self.ema = EMA(model, config.ema_decay)
         self.step = 0
+        self.rank, processes = process_group()
+        if config.batch_size % processes:
+            raise UserError(f"--batch-size {config.batch_size} is the global batch: it must be a multiple of the "
+                            f"{processes} processes")
+        part = config.batch_size // processes
+        self.share = slice(self.rank * part, (self.rank + 1) * part)
+        self.objective = Objective(model, loss)
+        if processes > 1:
+            self.objective = DistributedDataParallel(self.objective)
 
     @property
     def state_path(self) -> Path:
@@ -111,26 +145,33 @@ class Trainer:
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = self.loss(self.model, generator)
+            loss = self.objective(generator, self.share)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()   # DistributedDataParallel: the gradients are averaged over the processes here
         torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.optimizer.step()
         self.lr_schedule.step()
         self.ema.update(self.model, self.step)
         self.step += 1
+        loss = loss.detach().float()
+        if dist.is_initialized():   # the global batch's loss: the mean of the processes' equal shares
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
         return loss.item()
 
     def run(self, until: int | None = None) -> torch.nn.Module:
         """Train from the current step to `until` (default: config.steps), logging to stdout and OUT/NAME-loss.csv,
-        saving sample grids to OUT/samples/ and the state to OUT/train/; returns the EMA model."""
+        saving sample grids to OUT/samples/ and the state to OUT/train/ (process 0 alone); returns the EMA model."""
         cfg, until = self.config, until or self.config.steps
+        writes = self.rank == 0
         log = self.out / f"{self.name}-loss.csv"
-        if not log.exists():
+        if writes and not log.exists():
             log.write_text("step,loss,lr\n")
-        progress, losses = Progress(self.name, start=self.step), []
+        progress, losses = Progress(self.name, start=self.step, quiet=not writes), []
         while self.step < until:
             losses.append(self.train_step())
+            if not writes:
+                continue
             if self.step % cfg.log_every == 0 or self.step == until:
                 lr = self.lr_schedule.get_last_lr()[0]
                 with log.open("a") as f:

@@ -1,38 +1,39 @@
 """The stages: each builds a model and a loss (objectives.py), runs the shared loop (loop.py) and returns the EMA
 weights. A new latent model is two stages, train_vae then train_text_to_image on a pipeline new_pipeline makes around
 the trained VAE; fine-tuning is train_text_to_image on a loaded checkpoint; train_pixel is DDPM on the images
-themselves. The sample grids are drawn with the public Pipeline.txt2img (latent models) or the samplers' own loop
-(sample_pixels: there is no pixel-space pipeline).
+themselves. The sample grids are drawn with the public pipelines: Pipeline.txt2img (latent models) and
+PixelPipeline.sample (pixel models).
 """
 import copy
-import math
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .. import samplers
 from ..clip import CLIPTextConfig, CLIPTextModel
 from ..errors import UserError
 from ..formats.families import PIXEL_DDPM, SDLITE_TINY
-from ..image import to_images
+from ..image import grid, to_images
 from ..pipeline import Pipeline
+from ..pixel import PixelPipeline
 from ..progress import Progress
 from ..samplers.training_schedule import TrainingSchedule, alphas_cumprod
 from ..tokenizer import Tokenizer
 from ..unet import UNet, UNetConfig
+from ..unet2d import UNet2D, UNet2DConfig
 from ..vae import AutoencoderKL, VAEConfig
 from .loop import TrainConfig, Trainer
-from .objectives import TextToImage, null_context, pixel_loss, text_to_image_loss, vae_loss
+from .objectives import TextToImage, pixel_loss, text_to_image_loss, vae_loss
 
 # The default model's architecture: SD's classes, miniature widths (64 x 64 images, 8 x 8 x 4 latents as in SD).
 DEFAULT_VAE = VAEConfig(block_out_channels=(8, 16, 32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8)
 DEFAULT_TEXT = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
 DEFAULT_UNET = UNetConfig(block_out_channels=(32, 64), layers_per_block=1, attention_levels=(True, True),
                           heads=(4, 4), cross_attention_dim=64)
-PIXEL_UNET = UNetConfig(in_channels=3, out_channels=3, block_out_channels=(32, 64, 128), layers_per_block=1,
-                        attention_levels=(False, False, True), heads=(4, 4, 4), cross_attention_dim=32)
+# The pixel model's: DDPM's UNet (UNet2DModel), three levels, self-attention at the deepest (as DDPM's at 16 x 16).
+PIXEL_UNET = UNet2DConfig(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(False, False, True),
+                          up_attention_levels=(False, False, True), attention_head_dim=32)
 
 
 def train_vae(images: torch.Tensor, vae_config: VAEConfig, kl_weight: float, config: TrainConfig,
@@ -47,8 +48,8 @@ def train_vae(images: torch.Tensor, vae_config: VAEConfig, kl_weight: float, con
             pixels = torch.cat([shown, ema.decode(ema.encode(shown).mean)]).clamp(-1, 1)
         return grid(to_images(pixels), columns=len(shown))
 
-    trainer = Trainer("vae", vae, lambda model, g: vae_loss(model, images, kl_weight, g, config.batch_size),
-                      config, out, sample_grid)
+    trainer = Trainer("vae", vae, lambda model, g, share: vae_loss(model, images, kl_weight, g, config.batch_size,
+                                                                   share), config, out, sample_grid)
     trainer.resume()
     vae = trainer.run().eval()
     mean, std = encode(vae, images)
@@ -66,7 +67,7 @@ def new_pipeline(vae: AutoencoderKL, size: int, seed: int, name: str) -> Pipelin
 
 
 def train_text_to_image(pipe: Pipeline, images: torch.Tensor, captions: list[str], config: TrainConfig, out: Path,
-                        train_text_encoder: bool, prompts: list[str]) -> Pipeline:
+                        train_text_encoder: bool, prompts: list[str], distance: str = "mse") -> Pipeline:
     """The pipeline's UNet (and text encoder, if asked) trained on latents of the images, the VAE frozen, to predict
     what its scheduler config's prediction_type says; sample grids show `prompts`. Returns the pipeline with the EMA
     weights."""
@@ -92,7 +93,7 @@ def train_text_to_image(pipe: Pipeline, images: torch.Tensor, captions: list[str
         return grid(images, columns=len(prompts))
 
     loss = text_to_image_loss((mean * scale, std * scale), ids, empty_ids, alpha_bar, prediction_type,
-                              config.batch_size)
+                              config.batch_size, distance)
     trainer = Trainer("unet", model, loss, config, out, sample_grid if config.sample_every else None)
     trainer.resume()
     ema = trainer.run().eval().requires_grad_(False)
@@ -100,31 +101,21 @@ def train_text_to_image(pipe: Pipeline, images: torch.Tensor, captions: list[str
     return pipe
 
 
-def train_pixel(images: torch.Tensor, unet_config: UNetConfig, config: TrainConfig, out: Path) -> UNet:
-    """An unconditional UNet on the images themselves: DDPM as Ho et al. 2020 trained it (CIFAR-10, CelebA-HQ)."""
+def train_pixel(images: torch.Tensor, unet_config: UNet2DConfig, config: TrainConfig, out: Path,
+                distance: str = "mse", flip: bool = False) -> PixelPipeline:
+    """An unconditional UNet on the images themselves: DDPM as Ho et al. 2020 trained it (CIFAR-10, CelebA-HQ).
+    Returns the pipeline of the EMA weights and DDPM's scheduler, named after `out`."""
     torch.manual_seed(config.seed)
-    unet = UNet(unet_config)
-    alpha_bar = alphas_cumprod(schedule_of(PIXEL_DDPM.scheduler_config()))
-    size = images.shape[-1]
+    scheduler_config = PIXEL_DDPM.scheduler_config()
+    alpha_bar = alphas_cumprod(schedule_of(scheduler_config))
 
-    def sample_grid(ema: UNet) -> Image.Image:
-        pixels = sample_pixels(ema, PIXEL_DDPM.scheduler_config(), 8, size, steps=50, seed=0)
-        return grid(to_images(pixels), columns=8)
+    def sample_grid(ema: UNet2D) -> Image.Image:
+        return grid(PixelPipeline(ema, scheduler_config, out.name).sample(steps=50, batch_size=8, seed=0), columns=8)
 
-    trainer = Trainer("pixel-unet", unet, pixel_loss(images, alpha_bar, config.batch_size), config, out, sample_grid)
+    loss = pixel_loss(images, alpha_bar, config.batch_size, distance, flip)
+    trainer = Trainer("pixel-unet", UNet2D(unet_config), loss, config, out, sample_grid if config.sample_every else None)
     trainer.resume()
-    return trainer.run().eval()
-
-
-@torch.no_grad()
-def sample_pixels(unet: UNet, scheduler_config: dict, n: int, size: int, steps: int, seed: int) -> torch.Tensor:
-    """The sampling loop of an unconditional pixel model: x_T ~ N(0, I), then the sampler's steps to x_0."""
-    generator = torch.Generator().manual_seed(seed)
-    sampler = samplers.make(samplers.CLASS_NAMES[scheduler_config["_class_name"]], scheduler_config)
-    x = torch.randn(n, unet.config.in_channels, size, size, generator=generator) * sampler.init_sigma
-    for t in sampler.set_timesteps(steps):
-        x = sampler.step(unet(sampler.scale_input(x, t), t, null_context(unet, n)), t, x, generator)
-    return x.clamp(-1, 1)
+    return PixelPipeline(trainer.run().eval().requires_grad_(False), scheduler_config, out.name)
 
 
 def schedule_of(scheduler_config: dict) -> TrainingSchedule:
@@ -137,13 +128,3 @@ def encode(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 16) -> tu
     """(mean, std) of q(z|x) for every image, unscaled: computed once, so training samples z without the encoder."""
     posteriors = [vae.encode(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     return torch.cat([p.mean for p in posteriors]).float(), torch.cat([p.std for p in posteriors]).float()
-
-
-def grid(images: list[Image.Image], columns: int) -> Image.Image:
-    """The images in rows of `columns`, on white."""
-    w, h = images[0].size
-    rows = math.ceil(len(images) / columns)
-    out = Image.new("RGB", (columns * w, rows * h), "white")
-    for i, image in enumerate(images):
-        out.paste(image, ((i % columns) * w, (i // columns) * h))
-    return out
