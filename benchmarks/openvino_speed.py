@@ -5,9 +5,9 @@ about 5 the first time, to convert the models)
 
 All three load the random-weight SD 1.5 diffusers folder (benchmarks/checkpoints.py). OpenVINO runs diffusers' own
 UNet and VAE decoder, converted once with `openvino.convert_model` from fp32 PyTorch and kept, fp32 weights, as IR in
-/tmp/sdbench/openvino, then compiled for the CPU: "fp32" with INFERENCE_PRECISION_HINT f32, "bf16" with the runtime's
-default hint when that is bf16 (it is on CPUs with AMX), else with bf16 asked for; the table names what the compiled
-model reports. sdlite runs as in its sampling loop (runtime.running: UNet convolutions packed for oneDNN,
+/tmp/sdbench/openvino, then compiled for the CPU: "fp32" with INFERENCE_PRECISION_HINT f32, "bf16" with the
+runtime's default hint when that is bf16 (it is on CPUs with AVX512-BF16 or AMX), else with bf16 asked for; the table
+names what the compiled model reports. sdlite runs as in its sampling loop (runtime.running: UNet convolutions packed for oneDNN,
 channels-last VAE), loaded with `sdlite.load(folder, dtype=dtype)`; diffusers with `from_pretrained(torch_dtype=)`.
 
 Times: every stage is called on the same inputs by diffusers, sdlite, OpenVINO, diffusers, ... (REPEATS each); a
