@@ -1,5 +1,5 @@
 """OpenVINO as a third system next to diffusers and sdlite: one guided UNet step and one VAE decode, fp32 and bf16.
-Run: python benchmarks/openvino_speed.py   (needs `pip install -e .[reference]`; about 15 minutes on 2 cores, plus
+Run: python benchmarks/openvino_speed.py   (needs `pip install -e .[reference]`; about 10 minutes on 2 cores, plus
 about 5 the first time, to convert the models)
      python benchmarks/openvino_speed.py --profile   (where the time goes: oneDNN verbose and OpenVINO's layer counters)
 
@@ -7,8 +7,9 @@ All three load the random-weight SD 1.5 diffusers folder (benchmarks/checkpoints
 UNet and VAE decoder, converted once with `openvino.convert_model` from fp32 PyTorch and kept, fp32 weights, as IR in
 /tmp/sdbench/openvino, then compiled for the CPU: "fp32" with INFERENCE_PRECISION_HINT f32, "bf16" with the
 runtime's default hint when that is bf16 (it is on CPUs with AVX512-BF16 or AMX), else with bf16 asked for; the table
-names what the compiled model reports. sdlite runs as in its sampling loop (runtime.running: UNet convolutions packed for oneDNN,
-channels-last VAE), loaded with `sdlite.load(folder, dtype=dtype)`; diffusers with `from_pretrained(torch_dtype=)`.
+names what the compiled model reports. sdlite runs as in its sampling loop (runtime.running: UNet convolutions packed
+for oneDNN, channels-last VAE), loaded with `sdlite.load(folder, dtype=dtype)`; diffusers with
+`from_pretrained(torch_dtype=)`.
 
 Times: every stage is called on the same inputs by diffusers, sdlite, OpenVINO, diffusers, ... (REPEATS each); a
 stage's time is its best (as speed.py). FLOPs are counted as speed.py does (FlopCounterMode on sdlite's modules on
@@ -122,7 +123,7 @@ def torch_calls(system: str, dtype: torch.dtype) -> dict:
 
 
 def conv_peak(dtype: torch.dtype) -> float:
-    """FLOP/s of a 3x3 convolution of SD's 640-channel 32x32 shape (UNet at 256²... 512²'s middle), best of 3."""
+    """FLOP/s of a 3x3 convolution of SD's 640-channel 32x32 shape (the UNet's second level at 512²), best of 3."""
     x = torch.randn(2, 640, 32, 32).to(dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(640, 640, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
     f = lambda: torch.nn.functional.conv2d(x, w, padding=1)  # noqa: E731
