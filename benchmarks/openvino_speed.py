@@ -34,7 +34,7 @@ IR = Path("/tmp/sdbench/openvino")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SYSTEMS = ("diffusers", "sdlite", "OpenVINO")
 STAGES = {"UNet step 256²": ("unet", 256), "UNet step 512²": ("unet", 512), "VAE decode 512²": ("vae", 512)}
-REPEATS = int(os.environ.get("REPEATS", 3))
+REPEATS = int(os.environ.get("REPEATS", 2))   # REPEATS=1 on a busy machine
 
 
 class UNetCall(nn.Module):
