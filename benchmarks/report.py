@@ -10,8 +10,9 @@ import torch
 import transformers
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-HEADER = "# Benchmark results\n\nWritten by `python benchmarks/parity.py`, `python benchmarks/speed.py` and " \
-         "`python benchmarks/control.py`; each replaces its own section.\n"
+HEADER = ("# Benchmark results\n\nWritten by `python benchmarks/parity.py`, `speed.py`, `tiling.py`, `prompts.py`, "
+          "`control.py` and\n`openvino_speed.py`, each replacing its own section; the `revisions` section is "
+          "`revisions.py`'s printed\noutput, put in by hand.\n")
 
 
 def machine() -> str:

@@ -1,0 +1,287 @@
+"""OpenVINO as a third system next to diffusers and sdlite: one guided UNet step and one VAE decode, fp32 and bf16.
+Run: python benchmarks/openvino_speed.py   (needs `pip install -e .[reference]`; about 10 minutes on 2 cores, plus
+about 5 the first time, to convert the models)
+     python benchmarks/openvino_speed.py --profile   (where the time goes: oneDNN verbose and OpenVINO's layer counters)
+
+All three load the random-weight SD 1.5 diffusers folder (benchmarks/checkpoints.py). OpenVINO runs diffusers' own
+UNet and VAE decoder, converted once with `openvino.convert_model` from fp32 PyTorch and kept, fp32 weights, as IR in
+/tmp/sdbench/openvino, then compiled for the CPU: "fp32" with INFERENCE_PRECISION_HINT f32, "bf16" with the
+runtime's default hint when that is bf16 (it is on CPUs with AVX512-BF16 or AMX), else with bf16 asked for; the table
+names what the compiled model reports. sdlite runs as in its sampling loop (runtime.running: UNet convolutions packed
+for oneDNN, channels-last VAE), loaded with `sdlite.load(folder, dtype=dtype)`; diffusers with
+`from_pretrained(torch_dtype=)`.
+
+Times: every stage is called on the same inputs by diffusers, sdlite, OpenVINO, diffusers, ... (REPEATS each); a
+stage's time is its best (as speed.py). FLOPs are counted as speed.py does (FlopCounterMode on sdlite's modules on
+the meta device); the machine's peaks are a 4096^3 matrix product and a 3x3 convolution of SD's 640-channel 32x32
+shape (batch 2, channels-last), timed in this run before each stage, the best over the run. "error" is the largest
+absolute difference from diffusers' fp32 output on the same inputs.
+"""
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import SD1, matmul_peak, seconds  # noqa: E402
+
+IR = Path("/tmp/sdbench/openvino")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SYSTEMS = ("diffusers", "sdlite", "OpenVINO")
+STAGES = {"UNet step 256²": ("unet", 256), "UNet step 512²": ("unet", 512), "VAE decode 512²": ("vae", 512)}
+REPEATS = int(os.environ.get("REPEATS", 2))   # REPEATS=1 on a busy machine
+
+
+class UNetCall(nn.Module):
+    """diffusers' UNet as a function of tensors, for tracing."""
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, latents, timestep, context):
+        return self.unet(latents, timestep, context, return_dict=False)[0]
+
+
+class DecoderCall(nn.Module):
+    """diffusers' VAE decode (post-quant convolution and decoder) as a function of tensors, for tracing."""
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z):
+        return self.vae.decode(z, return_dict=False)[0]
+
+
+def inputs(kind: str, side: int) -> tuple[torch.Tensor, ...]:
+    """The same fp32 inputs for every system: a guided batch of 2 latents, the timestep, the context; or 1 latent."""
+    g = torch.Generator().manual_seed(side)
+    if kind == "unet":
+        return torch.randn(2, 4, side // 8, side // 8, generator=g), torch.tensor(500), torch.randn(2, 77, 768,
+                                                                                                  generator=g)
+    return (torch.randn(1, 4, side // 8, side // 8, generator=g),)
+
+
+def converted(kind: str) -> Path:
+    """The IR of diffusers' fp32 UNet or VAE decoder, converted at the first use (dynamic shapes: one IR for all
+    sizes) and kept with fp32 weights."""
+    import openvino as ov
+    path = IR / f"{kind}.xml"
+    if path.exists():
+        return path
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    module = (UNetCall(UNet2DConditionModel.from_pretrained(SD1 / "unet")) if kind == "unet"
+              else DecoderCall(AutoencoderKL.from_pretrained(SD1 / "vae")))
+    with torch.no_grad():
+        model = ov.convert_model(module.eval(), example_input=inputs(kind, 256))
+    IR.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, path, compress_to_fp16=False)
+    return path
+
+
+def openvino_calls(name: str) -> tuple[dict, str]:
+    """OpenVINO's call of each kind, compiled for the CPU in `name`, and the precision the runtime reports."""
+    import openvino as ov
+    core = ov.Core()
+    default = core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+    hint = {"INFERENCE_PRECISION_HINT": "f32"} if name == "fp32" else \
+        {} if default == "bf16" else {"INFERENCE_PRECISION_HINT": "bf16"}
+    compiled = {kind: core.compile_model(core.read_model(converted(kind)), "CPU", hint) for kind in ("unet", "vae")}
+    used = compiled["unet"].get_property("INFERENCE_PRECISION_HINT").to_string()
+    report = f"{used} ({'the default' if not hint else f'asked for; the default is {default}'})"
+    requests = {kind: c.create_infer_request() for kind, c in compiled.items()}
+
+    def call(kind):
+        return lambda *x: torch.from_numpy(requests[kind].infer([t.numpy() for t in x])[0].copy())
+    return {kind: call(kind) for kind in compiled}, report
+
+
+def torch_calls(system: str, dtype: torch.dtype) -> dict:
+    """The UNet call and the VAE decode of diffusers or sdlite in `dtype`, on fp32 inputs, fp32 outputs."""
+    if system == "sdlite":
+        import sdlite
+        from sdlite import runtime
+        pipe = sdlite.load(SD1, dtype=dtype)
+
+        def unet(latents, t, context):   # as in the sampling loop: the fast paths of runtime.py
+            with runtime.running(pipe.unet):
+                return pipe.unet(latents.to(dtype), int(t), context.to(dtype)).float()
+
+        def vae(z):
+            with runtime.running(pipe.vae):
+                return pipe.vae.decode(z.to(dtype)).float()
+        return {"unet": unet, "vae": vae}
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    d_unet = UNet2DConditionModel.from_pretrained(SD1 / "unet", torch_dtype=dtype)
+    d_vae = AutoencoderKL.from_pretrained(SD1 / "vae", torch_dtype=dtype)
+    return {"unet": lambda x, t, c: d_unet(x.to(dtype), t, c.to(dtype)).sample.float(),
+            "vae": lambda z: d_vae.decode(z.to(dtype)).sample.float()}
+
+
+def conv_peak(dtype: torch.dtype) -> float:
+    """FLOP/s of a 3x3 convolution of SD's 640-channel 32x32 shape (the UNet's second level at 512²), best of 3."""
+    x = torch.randn(2, 640, 32, 32).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(640, 640, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    f = lambda: torch.nn.functional.conv2d(x, w, padding=1)  # noqa: E731
+    f()
+    return 2 * 2 * 640 * 640 * 9 * 32 * 32 / min(seconds(f) for _ in range(3))
+
+
+def flops() -> dict[str, float]:
+    """FLOPs of each stage, counted on sdlite's SD 1.5 modules moved to the meta device."""
+    import sdlite
+    pipe = sdlite.load(SD1).to(device="meta")
+    counted = {}
+    for stage, (kind, side) in STAGES.items():
+        x = [t.to("meta") if t.dim() else int(t) for t in inputs(kind, side)]
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            pipe.unet(*x) if kind == "unet" else pipe.vae.decode(*x)
+        counted[stage] = counter.get_total_flops()
+    return counted
+
+
+def alternated(name: str, reference: dict, peak: dict) -> tuple[dict, dict, str]:
+    """Best time and max error against `reference` (filled in from diffusers when empty) of every stage and system,
+    the systems alternating call by call."""
+    dtype = DTYPES[name]
+    calls = {system: torch_calls(system, dtype) for system in ("diffusers", "sdlite")}
+    calls["OpenVINO"], precision = openvino_calls(name)
+    best, error = {}, {}
+    with torch.no_grad():
+        for stage, (kind, side) in STAGES.items():
+            x = inputs(kind, side)
+            for peak_name, measure in (("matmul", matmul_peak), ("conv", conv_peak)):
+                peak[name, peak_name] = max(peak.get((name, peak_name), 0.0), measure(dtype))
+            for system in SYSTEMS:   # the first call of each (packing, oneDNN's kernels) is not timed
+                out = calls[system][kind](*x)
+                reference.setdefault(stage, out)
+                error[system, stage] = (out - reference[stage]).abs().max().item()
+            for _ in range(REPEATS):
+                for system in SYSTEMS:
+                    t = seconds(lambda: calls[system][kind](*x))
+                    best[system, stage] = min(best.get((system, stage), t), t)
+                    print(f"{name} {stage} {system}: {t:.2f} s", flush=True)
+    return best, error, precision
+
+
+def main() -> None:
+    from report import machine, table, write_section
+    import openvino as ov
+    start, about = time.perf_counter(), machine()
+    for kind in ("unet", "vae"):
+        converted(kind)
+    counted, reference, peak, rows, precisions = flops(), {}, {}, [], {}
+    for name in DTYPES:
+        best, error, precisions[name] = alternated(name, reference, peak)
+        for stage in STAGES:
+            s, o = best["sdlite", stage], best["OpenVINO", stage]
+            cells = []
+            for system in SYSTEMS:
+                rate = counted[stage] / best[system, stage]
+                cells.append(f"{best[system, stage]:.2f} s, {rate / 1e12:.2f} TF/s, "
+                             f"{100 * rate / peak[name, 'conv']:.0f}%, err {error[system, stage]:.1e}")
+            rows.append([name, stage, f"{counted[stage] / 1e9:.0f}", *cells, f"{s / o:.2f}"])
+    header = ["dtype", "stage", "GFLOP", *(f"{s}: s, TFLOP/s, % conv peak, max error" for s in SYSTEMS),
+              "sdlite / OpenVINO"]
+    peaks = "; ".join(f"{name}: matmul {peak[name, 'matmul'] / 1e12:.2f}, 3x3 conv {peak[name, 'conv'] / 1e12:.2f} "
+                      f"TFLOP/s" for name in DTYPES)
+    text = (f"## Next to OpenVINO\n\n{about} OpenVINO {ov.__version__}.\n\n`python benchmarks/openvino_speed.py`: "
+            f"random-weight SD 1.5 from its diffusers folder; UNet step: a guided batch of 2 (timestep 500, context "
+            f"2x77x768); VAE decode: one image. OpenVINO runs diffusers' UNet and decoder converted with "
+            f"`openvino.convert_model` (fp32 IR), compiled with INFERENCE_PRECISION_HINT f32 for fp32, and for bf16 "
+            f"running in {precisions['bf16']}. sdlite as in its sampling loop (packed convolutions, channels-last "
+            f"VAE). Times: best of {REPEATS} calls, the three systems alternating call by call; inputs and outputs "
+            f"fp32 (the casts are in the time). Measured peaks: {peaks}; % is of the 3x3 convolution peak of the "
+            f"row's dtype. Max error: against diffusers fp32 on the same inputs. Took "
+            f"{(time.perf_counter() - start) / 60:.0f} minutes.\n\n" + table(header, rows))
+    print(text)
+    write_section("openvino", text)
+
+
+def onednn_worker() -> None:
+    """One sdlite bf16 UNet step at 256² (after a first, untimed one) under oneDNN's verbose mode and torch's
+    profiler; prints the verbose lines, then the step's time and the profiler's top operators."""
+    import sdlite
+    from sdlite import runtime
+    pipe = sdlite.load(SD1, dtype=torch.bfloat16)
+    latents, t, context = inputs("unet", 256)
+    step = lambda: pipe.unet(latents.bfloat16(), int(t), context.bfloat16())  # noqa: E731
+    with torch.no_grad(), runtime.running(pipe.unet):
+        step()
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            took = seconds(step)
+        with torch.profiler.profile() as prof:
+            step()
+    print(f"STEP {took}", flush=True)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8), flush=True)
+
+
+def onednn_summary() -> str:
+    import subprocess
+    out = subprocess.run([sys.executable, __file__, "--onednn"], capture_output=True, text=True, check=True).stdout
+    by_kind, by_impl, calls, total = {}, {}, {}, 0.0
+    for line in out.splitlines():
+        fields = line.split(",")
+        if line.startswith("onednn_verbose") and len(fields) > 8 and fields[3] == "exec":
+            ms = float(fields[-1])
+            kind, impl = fields[5], fields[6]
+            by_kind[kind] = by_kind.get(kind, 0.0) + ms
+            calls[kind] = calls.get(kind, 0) + 1
+            by_impl[kind, impl] = by_impl.get((kind, impl), 0.0) + ms
+            total += ms
+    step = float(next(line.split()[1] for line in out.splitlines() if line.startswith("STEP "))) * 1000
+    rows = [[kind, calls[kind], f"{ms:.0f}", f"{100 * ms / step:.0f}%",
+             ", ".join(f"{impl} {v:.0f}" for (k, impl), v in sorted(by_impl.items(), key=lambda i: -i[1]) if k == kind)]
+            for kind, ms in sorted(by_kind.items(), key=lambda i: -i[1])]
+    rows.append(["(not oneDNN: attention, GroupNorm, elementwise, ...)", "-", f"{step - total:.0f}",
+                 f"{100 * (step - total) / step:.0f}%", "-"])
+    profiler = out[out.index("STEP "):].split("\n", 1)[1]
+    from report import table
+    return (f"sdlite, bf16, one guided UNet step at 256² under ONEDNN_VERBOSE ({step:.0f} ms with the verbose "
+            f"output on):\n\n" + table(["oneDNN primitive", "calls", "ms", "% of step", "implementations (ms)"], rows)
+            + f"\n\ntorch's profiler, the same step (top operators by self time):\n\n```\n{profiler.strip()}\n```")
+
+
+def openvino_summary() -> str:
+    import openvino as ov
+    core = ov.Core()
+    default = core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+    hint = {} if default == "bf16" else {"INFERENCE_PRECISION_HINT": "bf16"}
+    compiled = core.compile_model(core.read_model(converted("unet")), "CPU", {**hint, "PERF_COUNT": True})
+    request, x = compiled.create_infer_request(), [t.numpy() for t in inputs("unet", 256)]
+    request.infer(x)
+    took = seconds(lambda: request.infer(x)) * 1000
+    by_type, impls = {}, {}
+    for info in request.get_profiling_info():
+        if info.status != info.Status.EXECUTED:
+            continue
+        ms = info.real_time.total_seconds() * 1000
+        by_type[info.node_type] = by_type.get(info.node_type, 0.0) + ms
+        key = (info.node_type, info.exec_type)
+        impls[key] = impls.get(key, 0.0) + ms
+    total = sum(by_type.values())
+    rows = [[kind, f"{ms:.0f}", f"{100 * ms / total:.0f}%",
+             ", ".join(f"{impl} {v:.0f}" for (k, impl), v in sorted(impls.items(), key=lambda i: -i[1])[:40]
+                       if k == kind)]
+            for kind, ms in sorted(by_type.items(), key=lambda i: -i[1])[:12]]
+    from report import table
+    precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    return (f"OpenVINO {ov.__version__}, {precision}, the same step with PERF_COUNT ({took:.0f} ms; "
+            f"layer times sum to {total:.0f} ms), by layer type (top 12):\n\n"
+            + table(["layer type", "ms", "% of layers", "implementations (ms)"], rows))
+
+
+def profile() -> None:
+    from report import machine, write_section
+    text = (f"## Next to OpenVINO: where the time goes\n\n{machine()}\n\n`python benchmarks/openvino_speed.py "
+            f"--profile`.\n\n{onednn_summary()}\n\n{openvino_summary()}")
+    print(text)
+    write_section("openvino-profile", text)
+
+
+if __name__ == "__main__":
+    {"--onednn": onednn_worker, "--profile": profile}.get(sys.argv[1] if sys.argv[1:] else "", main)()
