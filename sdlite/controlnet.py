@@ -29,7 +29,7 @@ from torch import nn
 from .config import ConfigFile, show
 from .errors import UserError
 from .image import legacy_model_hash, open_rgb
-from .formats.ldm import ldm_to_diffusers_key
+from .formats.ldm import encoder_fields, ldm_to_diffusers_key
 from .unet import TimestepEmbedding, UNetConfig, UNetDownBlock, UNetMidBlock, timestep_embedding
 
 # config.json keys sdlite has no code for, accepted at the reference's defaults only (see config.py).
@@ -230,32 +230,16 @@ def single_file_part(sd: dict[str, torch.Tensor], where) -> dict[str, torch.Tens
 def controlnet_from_ldm(sd: dict[str, torch.Tensor]) -> tuple[ControlNetConfig, dict[str, torch.Tensor]]:
     """Config and diffusers-named weights of a single-file ControlNet (keys without `control_model.`), the
     architecture read off the tensor shapes as unet_from_ldm does."""
-    levels = 1 + sum(k.startswith("input_blocks.") and k.endswith(".op.weight") for k in sd)
-    skips = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("zero_convs."))
-    layers = skips // levels - 1                                         # skips = 1 + levels * layers + levels - 1
-    first = [1 + level * (layers + 1) for level in range(levels)]       # each level's first input block
-    channels = tuple(sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] for i in first)
-    mid = "middle_block.1."
-    sd2 = sd[mid + "proj_in.weight"].ndim == 2   # SD 2.x: Linear projections, 64-dim heads, upcast attention
     hint_convs = sorted(int(k.split(".")[1]) for k in sd if k.startswith("input_hint_block.") and k.endswith(".weight"))
     hint = [sd[f"input_hint_block.{i}.weight"] for i in hint_convs]
+    encoder = encoder_fields(sd)
     config = ControlNetConfig(
-        encoder=UNetConfig(
-            in_channels=sd["input_blocks.0.0.weight"].shape[1],
-            block_out_channels=channels,
-            layers_per_block=layers,
-            attention_levels=tuple(f"input_blocks.{i}.1.proj_in.weight" in sd for i in first),
-            heads=tuple(c // 64 for c in channels) if sd2 else (8,) * levels,
-            transformer_depth=len({k.split(".")[3] for k in sd if k.startswith(mid + "transformer_blocks.")}),
-            cross_attention_dim=sd[mid + "transformer_blocks.0.attn2.to_k.weight"].shape[1],
-            use_linear_projection=sd2,
-            upcast_attention=sd2,
-        ),
+        encoder=UNetConfig(**encoder),
         conditioning_channels=hint[0].shape[1],
         # conv_in's width, then that of each level's stride-2 conv (the odd ones of the blocks between)
         hint_channels=(hint[0].shape[0], *(w.shape[0] for w in hint[2:-1:2])),
     )
-    return config, {controlnet_key(k, layers, hint_convs[-1]): v for k, v in sd.items()}
+    return config, {controlnet_key(k, encoder["layers_per_block"], hint_convs[-1]): v for k, v in sd.items()}
 
 
 def load_controlnet(path: str | Path, dtype: torch.dtype = torch.float32,

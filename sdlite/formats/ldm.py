@@ -123,29 +123,40 @@ def diffusers_to_ldm_key(key: str, layers_per_block: int, up_attention: set[int]
     return f"{block}.{UNET_LDM_NAMES.get(inner, inner)}.{param}"
 
 
-def unet_from_ldm(weights: dict[str, torch.Tensor]) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
-    """Config and diffusers-named weights of an original single-file UNet (keys without `model.diffusion_model.`),
-    the architecture read off the tensor shapes (the idea of ComfyUI's model_detection)."""
-    levels = 1 + sum(k.endswith(".op.weight") for k in weights)               # a downsampler on all levels but the last
+def encoder_fields(weights: dict[str, torch.Tensor]) -> dict:
+    """The UNetConfig fields that an original-layout encoder (the input_blocks and middle_block of a UNet or of a
+    ControlNet) shows in its tensor shapes (the idea of ComfyUI's model_detection)."""
+    levels = 1 + sum(k.startswith("input_blocks.") and k.endswith(".op.weight") for k in weights)  # all but the last
     n_input = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("input_blocks."))
     layers = n_input // levels - 1                                       # n_input = 1 + levels * layers + levels - 1
     first = [1 + level * (layers + 1) for level in range(levels)]       # each level's first input block
     channels = tuple(weights[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] for i in first)
     mid = "middle_block.1."
     v2 = weights[mid + "proj_in.weight"].ndim == 2   # SD 2.x: Linear projections, 64-dim heads, upcast attention
-    config = UNetConfig(
+    return dict(
         in_channels=weights["input_blocks.0.0.weight"].shape[1],
-        out_channels=weights["out.2.weight"].shape[0],
         block_out_channels=channels,
         layers_per_block=layers,
         attention_levels=tuple(f"input_blocks.{i}.1.proj_in.weight" in weights for i in first),
-        up_attention_levels=tuple(f"output_blocks.{(levels - 1 - level) * (layers + 1)}.1.proj_in.weight" in weights
-                                  for level in range(levels)),
         heads=tuple(c // 64 for c in channels) if v2 else (8,) * levels,
         transformer_depth=len({k.split(".")[3] for k in weights if k.startswith(mid + "transformer_blocks.")}),
         cross_attention_dim=weights[mid + "transformer_blocks.0.attn2.to_k.weight"].shape[1],
         use_linear_projection=v2,
         upcast_attention=v2,
+    )
+
+
+def unet_from_ldm(weights: dict[str, torch.Tensor]) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
+    """Config and diffusers-named weights of an original single-file UNet (keys without `model.diffusion_model.`),
+    the architecture read off the tensor shapes: the encoder's (encoder_fields), the output width and which decoder
+    levels attend."""
+    encoder = encoder_fields(weights)
+    levels, layers = len(encoder["block_out_channels"]), encoder["layers_per_block"]
+    config = UNetConfig(
+        **encoder,
+        out_channels=weights["out.2.weight"].shape[0],
+        up_attention_levels=tuple(f"output_blocks.{(levels - 1 - level) * (layers + 1)}.1.proj_in.weight" in weights
+                                  for level in range(levels)),
     )
     return config, {ldm_to_diffusers_key(k, layers): v for k, v in weights.items()}
 
