@@ -1,6 +1,7 @@
 """Data-parallel training (loop.py under torch.distributed, gloo on the CPU, 2 processes): the weights after k steps
 are those of one process on the same global batch, and a 2-process run stopped and resumed (by 2 processes or by 1)
 is the uninterrupted run."""
+import gc
 import socket
 from pathlib import Path
 
@@ -42,6 +43,9 @@ def worker(rank: int, port: int, runs: list[tuple[str, int, bool]]) -> None:
                 trainer.train_step()
                 if rank == 0:
                     trainer.state_path.with_name("stopped.pt").write_bytes(trainer.state_path.read_bytes())
+        del trainer   # its DistributedDataParallel freed while the process group lives (freed later, at exit, it
+        gc.collect()  # aborts the process: 'terminate called without an active exception', 1 run in ~15)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

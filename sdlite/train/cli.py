@@ -8,6 +8,7 @@ A new latent model is a VAE (stages.train_vae) and then a text-to-image UNet on 
 checkpoint's UNet; --pixel trains DDPM on the images themselves. What --out/train/ holds is resumed.
 """
 import argparse
+import gc
 import math
 import os
 from dataclasses import asdict
@@ -127,6 +128,8 @@ def run(args: argparse.Namespace) -> None:
         dist.init_process_group("gloo")   # torchrun's rendezvous (MASTER_ADDR, RANK, ...); the trainer runs on the CPU
         try:
             train(args)
+            gc.collect()   # the trainers' DistributedDataParallel freed while the process group lives (freed at exit,
+            dist.barrier()  # after it, one aborts the process: 'terminate called without an active exception')
         finally:
             dist.destroy_process_group()
     else:
