@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import sdlite  # noqa: E402
-from sdlite.runtime import PackedConv2d, pack_convolutions  # noqa: E402
+from sdlite.runtime import PackedConv2d, use_onednn  # noqa: E402
 from checkpoints import FAMILIES, folder, single_file  # noqa: E402
 from report import machine, table, write_section  # noqa: E402
 
@@ -92,7 +92,7 @@ def sdlite_outputs(path: Path, family: str, dtype: torch.dtype,
                "VAE encode (mean)": posterior.mean,
                "VAE encode (log-variance)": posterior.logvar,
                "VAE decode": pipe.vae.decode(x["z"])}
-        pack_convolutions(pipe.unet)   # each convolution packs its weight at its first call, if it is a view
+        use_onednn(pipe.unet)   # each convolution packs its weight at its first call, if it is a view
         packed = pipe.unet(x["latents"], TIMESTEP, x["context"])
         if any(m.packed is not None for m in pipe.unet.modules() if isinstance(m, PackedConv2d)):
             out["UNet (packed, as in the loop)"] = packed

@@ -138,9 +138,10 @@ class Pipeline:
         self.depth_model: Path | None = None       # depth2img's estimator when no depth map is given: a DPT folder
                                                    # (SD 2 depth's own folder, whose depth_estimator/ load sets)
         self.vae_scale = vae.config.downscale
-        # The sampling loop runs the UNet's convolutions on weights packed for oneDNN (runtime.py); False runs plain
-        # nn.Conv2d, whose fp32 results are bit-identical to diffusers' UNet instead of equal to float rounding.
-        self.packed_convolutions = True
+        # The stages run their layers on oneDNN (runtime.py): the UNet's convolutions on weights packed once, linear
+        # layers as oneDNN's inner product. False runs plain nn.Conv2d and nn.Linear, whose fp32 results are
+        # bit-identical to diffusers' text encoder and UNet instead of equal to float rounding.
+        self.onednn = True
         # Images larger than the VAE's sample_size go through it in tiles (tiling.py): memory bounded by one tile
         # instead of growing with the image, at the price of results that differ from the untiled ones.
         self.vae_tiling = False
@@ -395,7 +396,7 @@ class Pipeline:
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(1, 3, H, W) pixels in [-1, 1] -> (1, 4, H/8, W/8) latents: a sample of the VAE's posterior, scaled."""
         vae_dtype = self.vae.upcast_for(self.dtype)
-        with runtime.running(self.vae):
+        with runtime.running(self.vae, self.onednn):
             pixels = pixels.to(self.device, vae_dtype)
             posterior = tiled_encode(self.vae, pixels) if self.vae_tiling else self.vae.encode(pixels)
         return self.vae.scale_latents(posterior.sample(generator)).to(self.dtype)
@@ -448,7 +449,7 @@ class Pipeline:
         """(2B, 77*k, D): B copies of the negative prompt's context, then B of the prompt's; (B, 77*k, D) without
         guidance (prompts.py; k > 1 for long a1111 prompts)."""
         negative = request.negative_prompt if request.guided else None
-        with runtime.running(self.text_encoder):
+        with runtime.running(self.text_encoder, self.onednn):
             return encode_prompts(self.tokenizer, self.text_encoder, request.text, negative, request.batch_size,
                                   request.prompt_syntax, request.clip_skip)
 
@@ -460,7 +461,7 @@ class Pipeline:
         extra = torch.cat(extras, dim=1) if extras else None
         if extra is not None and request.guided:
             extra = torch.cat([extra, extra])
-        with runtime.running(self.unet, self.packed_convolutions):
+        with runtime.running(self.unet, self.onednn):
             for i, t in enumerate(timesteps):
                 x_in = sampler.scale_input(torch.cat([x, x]) if request.guided else x, t)
                 residuals = [r for c in conditionings
@@ -482,7 +483,7 @@ class Pipeline:
 
     def decode(self, x: torch.Tensor) -> list[Image.Image]:
         """Latents -> uint8 RGB images, rounded as the reference rounds them."""
-        with runtime.running(self.vae):
+        with runtime.running(self.vae, self.onednn):
             z = self.vae.unscale_latents(x).to(self.vae.upcast_for(self.dtype))
             pixels = tiled_decode(self.vae, z) if self.vae_tiling else self.vae.decode(z)   # (B, 3, H, W) in [-1, 1]
         self.check_finite(pixels, "the decoded image")

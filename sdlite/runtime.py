@@ -1,37 +1,50 @@
 """The CPU fast paths, applied to built models from outside: the model files describe the architecture only.
 
-    with runtime.running(pipe.unet, packed_convolutions=True):   # one stage of the pipeline
+    with runtime.running(pipe.unet):   # one stage of the pipeline
         eps = pipe.unet(x, t, context)
 
 `running(module)` does for the block what the module kind needs:
-  UNet            convolutions on weights packed for oneDNN (below); each layer's pages streamed
-  AutoencoderKL   encoder and decoder inputs in the channels-last memory format (below); pages streamed
-  text encoder    its pages released after the block (it runs twice, once per prompt: streaming would read them back)
+  UNet            convolutions on weights packed for oneDNN, linear layers on oneDNN (below); pages streamed
+  AutoencoderKL   inputs channels-last, linear layers on oneDNN, large blocks reused from malloc's heap; pages streamed
+  text encoder    linear layers on oneDNN; its pages released after the block (it runs twice, once per prompt:
+                  streaming would read them back)
 Streaming (weights.py): each layer hands the pages of its memory-mapped weights back to the OS right after it has run,
-so that a call holds the weights of one layer at a time.
+so that a call holds the weights of one layer at a time. running(module, onednn=False) keeps the layers plain
+nn.Conv2d and nn.Linear, whose fp32 results are bit-identical to diffusers'; the oneDNN paths agree with them to float
+rounding, not bit for bit (the sums run in another order). Measured in benchmarks/RESULTS.md ("Next to OpenVINO").
+
+Linear layers on oneDNN. F.linear calls the BLAS library PyTorch is built with (MKL): on AMD CPUs MKL's float32
+matrix product takes its generic kernels, 0.20 TFLOP/s on the 2-core EPYC here, where oneDNN's inner product on the
+same shapes runs at 0.45 (bf16: level, 0.8-0.9). Each nn.Linear becomes a OneDNNLinear, which calls oneDNN's: the fp32
+UNet step at 256x256 went from 1.54 s to 1.06 s (its 184 linear layers from 725 to 353 ms).
 
 Packed convolutions. On the CPU, PyTorch runs a convolution with oneDNN, which computes on weights in a blocked layout
 (ABcd16b16a for fp32: 16x16 tiles of output x input channels). F.conv2d reorders the weight from PyTorch's OIHW layout
-into it at every call: for SD 1.5's UNet that is 2.4 GB (fp32) of weights copied at every step, about 6 % of the
-step's time on this machine, most of it in the 1280-channel convolutions at 8x8 and 16x16 latents, where there is
-little else to do. A weight packed without knowing the input does not help: oneDNN then reorders it again to the
-layout it wants. So each nn.Conv2d of the UNet becomes a PackedConv2d, which makes, at its first call, a copy of its
-weight in the layout oneDNN picks for that input shape (inductor's weight prepacking does the same), and passes it to
-oneDNN's own convolution operator from then on; the output is channels-last, which the following layers keep. This is
-8 % faster per fp32 UNet step (4 % in bf16) on this machine; the first step pays for the copies (about 4 s in fp32,
-most of it the OS handing out 2.4 GB of fresh pages). Only weights that are views of a mapped checkpoint file are
-packed, and their pages go back to the page cache (weights.release): the packed copy replaces the weight in memory
-instead of adding to it. Weights held in process memory (cast to another dtype at load, or changed) keep the plain
-path. The results agree with F.conv2d's to float rounding, not bit for bit (the sums run in another order);
-tests/test_unet.py checks both paths against the reference. packed_convolutions=False turns the layers back into
-plain nn.Conv2d, whose fp32 results are bit-identical to diffusers' UNet.
+into it at every call: for SD 1.5's UNet that is 2.4 GB (fp32) of weights copied at every step, most of it in the
+1280-channel convolutions at 8x8 and 16x16 latents, where there is little else to do. A weight packed without knowing
+the input does not help: oneDNN then reorders it again to the layout it wants. So each nn.Conv2d of the UNet becomes a
+PackedConv2d, which makes, at its first call, a copy of its weight in the layout oneDNN picks for that input shape
+(inductor's weight prepacking does the same), and passes it to oneDNN's own convolution operator from then on; the
+output is channels-last, which the following layers keep. Weights that are views of a mapped checkpoint file are
+packed, and their pages go back to the page cache (weights.release): the packed copy replaces the weight in memory.
+bf16 weights are packed wherever they are (cast at load from an fp32 file, they are process memory, and the copy adds
+to it): unpacked, the reorders were a third of a bf16 step (0.83 against 0.57 s at 256x256), where fp32 weights held
+in process memory (changed in place, or moved) keep the plain path, which costs them a few % of a step. The first step
+pays for the copies.
 
 Channels-last VAE. With its inputs channels-last (N, H, W, C in memory; the shapes stay N, C, H, W), every layer of
 the VAE keeps that layout, and oneDNN's convolutions take it as it is, where each convolution of an NCHW tensor costs
-two reorders of its activations: a 512x512 decode is 13 % faster in fp32 and 15 % in bf16 on this machine. The sums
-in the convolutions then run in another order than in diffusers: the results agree to float rounding (about 2e-5
-relative at full size in fp32), no longer bit for bit.
+two reorders of its activations: a 512x512 decode is 13 % faster in fp32 and 15 % in bf16 on this machine.
+
+Heap reuse. A 512x512 decode allocates and frees dozens of 64-512 MB activations. glibc's malloc maps each block over
+32 MB from the OS afresh and unmaps it when freed, so every layer's output is new pages that the kernel zero-fills at
+the first touch: 0.35 s of a 3.4 s bf16 decode, 1 s of a 6.7 s fp32 one. Within the block, malloc serves them from its
+heap and keeps freed ones for the next (mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GB); after it, glibc's defaults come
+back and malloc_trim returns the free memory.
 """
+import ctypes
+import functools
+import platform
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -42,16 +55,19 @@ from .unet import UNet
 from .vae import AutoencoderKL
 from .weights import mapping, release, streaming
 
-AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise") and \
+    hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 @contextmanager
-def running(module: nn.Module, packed_convolutions: bool = True):
-    """Within the block, `module` (a UNet, a VAE or a text encoder) runs on the fast paths its kind has."""
+def running(module: nn.Module, onednn: bool = True):
+    """Within the block, `module` (a UNet, a VAE or a text encoder) runs on the fast paths its kind has; onednn=False
+    keeps (or makes again) its layers plain nn.Conv2d and nn.Linear."""
     with ExitStack() as stack:
-        if isinstance(module, UNet):
-            pack_convolutions(module, packed_convolutions)   # weights reordered once, not at every step
+        if isinstance(module, (UNet, AutoencoderKL, CLIPTextModel)):
+            use_onednn(module, onednn and isinstance(module, UNet), onednn)
         if isinstance(module, AutoencoderKL):
+            stack.enter_context(heap_reuse())
             for part in (module.encoder, module.post_quant_conv):
                 hook = part.register_forward_pre_hook(lambda part, inputs: channels_last(inputs))
                 stack.callback(hook.remove)
@@ -60,6 +76,33 @@ def running(module: nn.Module, packed_convolutions: bool = True):
         else:
             stack.enter_context(streaming(module))
         yield
+
+
+@contextmanager
+def heap_reuse():
+    """Within the block, glibc's malloc serves large blocks from its heap and keeps the freed ones for the next
+    (M_MMAP_MAX 0, a high M_TRIM_THRESHOLD); after it, the defaults, and the free memory goes back to the OS."""
+    libc = glibc()
+    if libc is None or not libc.mallopt(M_MMAP_MAX, 0):
+        yield
+        return
+    try:
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+        yield
+    finally:
+        libc.mallopt(M_MMAP_MAX, 65536)              # glibc's defaults
+        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # mallopt's parameters (malloc.h)
+
+
+@functools.cache
+def glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL("libc.so.6")
 
 
 def channels_last(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -78,18 +121,40 @@ class PackedConv2d(nn.Conv2d):
         key = (weight_state(self.weight), tuple(x.shape))
         if self.packed_for != key:
             self.packed, self.packed_for = None, key
-            if mapping(self.weight) is not None:   # a view of the file (else a copy would cost memory)
-                try:
-                    self.packed = torch.ops.mkldnn._reorder_convolution_weight(
-                        self.weight, self.padding, self.stride, self.dilation, self.groups, list(x.shape))
-                except RuntimeError:               # a dtype this CPU's oneDNN cannot pack (fp16 without AVX-512
-                    pass                           # FP16 or AVX-NE-CONVERT): the plain path
-                else:
-                    release(self)                  # the copy is used from now on: the file's pages can go
+            mapped = mapping(self.weight) is not None   # a view of the file: the copy replaces it in memory
+            if (mapped or self.weight.dtype in REDUCED) and onednn_takes(self.weight.dtype):
+                self.packed = torch.ops.mkldnn._reorder_convolution_weight(
+                    self.weight, self.padding, self.stride, self.dilation, self.groups, list(x.shape))
+                if mapped:
+                    release(self)                       # the copy is used from now on: the file's pages can go
         if self.packed is None:
             return super().forward(x)
         return torch.ops.mkldnn._convolution_pointwise(x, self.packed, self.bias, self.padding, self.stride,
                                                        self.dilation, self.groups, "none", [], "")
+
+
+class OneDNNLinear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict keys) that, when no gradient is wanted, runs as oneDNN's inner
+    product instead of the BLAS matrix product F.linear calls."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or not onednn_takes(x.dtype):
+            return super().forward(x)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+REDUCED = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def onednn_takes(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN computes in `dtype` (fp16 needs AVX-512 FP16 or AVX-NE-CONVERT)."""
+    try:
+        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 16, dtype=dtype), torch.ones(16, 16, dtype=dtype), None,
+                                           "none", [], "")
+    except RuntimeError:
+        return False
+    return True
 
 
 def weight_state(weight: torch.Tensor) -> tuple[int, int]:
@@ -97,15 +162,18 @@ def weight_state(weight: torch.Tensor) -> tuple[int, int]:
     return weight.data_ptr(), weight._version
 
 
-def pack_convolutions(module: nn.Module, on: bool = True) -> None:
-    """Make `module`'s convolutions PackedConv2d (on the CPU, where oneDNN is available), or plain nn.Conv2d again.
+def use_onednn(module: nn.Module, convolutions: bool = True, linears: bool = True) -> None:
+    """Make `module`'s convolutions PackedConv2d and its linear layers OneDNNLinear (on the CPU, where oneDNN is
+    available), or plain nn.Conv2d and nn.Linear again.
 
-    Each layer stays the same object, only its class changes (PackedConv2d adds no parameter): what holds on to a layer
+    Each layer stays the same object, only its class changes (neither adds a parameter): what holds on to a layer
     (a merged LoRA's record of its original weight, streaming's hooks) keeps finding it."""
-    for conv in module.modules():
-        if isinstance(conv, nn.Conv2d):
-            packing = on and AVAILABLE and conv.weight.device.type == "cpu"
-            if not packing and isinstance(conv, PackedConv2d):
-                conv.__dict__.pop("packed", None)
-                conv.__dict__.pop("packed_for", None)
-            conv.__class__ = PackedConv2d if packing else nn.Conv2d
+    for layer in module.modules():
+        if type(layer) in (nn.Conv2d, PackedConv2d):
+            on = convolutions and AVAILABLE and layer.weight.device.type == "cpu"
+            if not on and isinstance(layer, PackedConv2d):
+                layer.__dict__.pop("packed", None)
+                layer.__dict__.pop("packed_for", None)
+            layer.__class__ = PackedConv2d if on else nn.Conv2d
+        elif type(layer) in (nn.Linear, OneDNNLinear):
+            layer.__class__ = OneDNNLinear if linears and AVAILABLE and layer.weight.device.type == "cpu" else nn.Linear

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdlite import UserError
+from sdlite import UserError, runtime
 from sdlite.clip import CLIP_IMPLEMENTED, CLIP_NO_EFFECT, CLIP_REFUSED, CLIPTextConfig, CLIPTextModel
 from sdlite.formats.diffusers import with_text_model_prefix
 from sdlite.formats.ldm import clip_from_openai, clip_from_openclip
@@ -82,6 +82,18 @@ def test_folder_parity(root, reference, name):
     config, sd = folder(root, name)
     out = run(config, sd, reference["ids"])
     assert out.shape == (3, 77, 128)
+    assert_float_rounding_close(out, reference[name], config)
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_folder_parity_with_linear_layers_on_onednn(root, reference, name):
+    """The pipeline's fast path (runtime.running): every linear layer oneDNN's inner product, to float rounding."""
+    config, sd = folder(root, name)
+    model = build(config, sd)
+    with torch.no_grad(), runtime.running(model):
+        out = model(reference["ids"])
+    if runtime.AVAILABLE:
+        assert all(type(m) is runtime.OneDNNLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert_float_rounding_close(out, reference[name], config)
 
 

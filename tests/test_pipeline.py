@@ -71,21 +71,26 @@ def test_inpaint_matches_reference(checkpoints, case):
     assert_same_images(images, REFERENCE[case])
 
 
-def test_packed_and_plain_convolutions_both_give_the_reference_images(checkpoints):
-    """The sd1 folder is fp32, so its UNet weights are views of the file and the sampling loop packs them (the path
-    every sd1 folder case above takes); pipe.packed_convolutions = False runs plain nn.Conv2d instead."""
+def test_onednn_and_plain_layers_both_give_the_reference_images(checkpoints):
+    """The sd1 folder is fp32, so its UNet weights are views of the file and the sampling loop packs them, and the
+    stages run their linear layers as oneDNN's inner product (the path every case above takes); pipe.onednn = False
+    runs plain nn.Conv2d and nn.Linear instead."""
     name = next(n for n, c in CASES.items() if c["kind"] == "txt2img" and c["family"] == "sd1")
     c = CASES[name]
     pipe = sdlite.load(checkpoints / "sd1")
     convs = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)]
-    for packed in (True, False):
-        pipe.packed_convolutions = packed
+    linears = [m for net in (pipe.text_encoder, pipe.unet, pipe.vae) for m in net.modules()
+               if isinstance(m, torch.nn.Linear)]
+    for onednn in (True, False):
+        pipe.onednn = onednn
         images = pipe.txt2img(c["prompt"], width=c["width"], height=c["height"], **settings(c))
         assert_same_images(images, REFERENCE[name])
-        if packed and runtime.AVAILABLE:
+        if onednn and runtime.AVAILABLE:
             assert all(isinstance(conv, runtime.PackedConv2d) and conv.packed is not None for conv in convs)
+            assert all(type(linear) is runtime.OneDNNLinear for linear in linears)
         else:
             assert all(type(conv) is torch.nn.Conv2d for conv in convs)
+            assert all(type(linear) is torch.nn.Linear for linear in linears)
 
 
 def test_a_seed_means_one_image_and_another_seed_another(checkpoints):

@@ -1,5 +1,6 @@
-"""The fast paths of runtime.py. The UNet's convolutions: weights of a mapped file packed for oneDNN at first use,
-never used stale, and plain nn.Conv2d again when packing is off."""
+"""The fast paths of runtime.py. The UNet's convolutions: weights of a mapped file (or in bf16) packed for oneDNN at
+first use, never used stale, and plain nn.Conv2d again when oneDNN is off; linear layers as oneDNN's inner product;
+the VAE's large blocks from malloc's heap within the block, glibc's defaults after it."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ def conv_from_file(tmp_path, dtype=torch.float32) -> runtime.PackedConv2d:
               tmp_path / "conv.safetensors")
     conv = nn.Conv2d(32, 48, 3, stride=2, padding=1, device="meta")
     conv.load_state_dict(read_safetensors(tmp_path / "conv.safetensors", dtype), assign=True)
-    runtime.pack_convolutions(conv)
+    runtime.use_onednn(conv)
     assert isinstance(conv, runtime.PackedConv2d)
     return conv.requires_grad_(False)
 
@@ -49,11 +50,19 @@ def test_a_changed_weight_is_never_run_from_a_stale_pack(tmp_path):
     assert conv.packed is None          # the weight is the process's own now: a packed copy would cost memory
 
 
-def test_weights_in_process_memory_and_training_use_the_plain_path(tmp_path):
-    conv, x = conv_from_file(tmp_path, torch.bfloat16), torch.randn(1, 32, 8, 8)
+def test_weights_in_process_memory_are_packed_in_bf16_only_and_training_uses_the_plain_path(tmp_path):
+    x = torch.randn(1, 32, 8, 8)
+    conv = conv_from_file(tmp_path, torch.bfloat16)      # cast at load: a copy, not a view of the file
     with torch.no_grad():
-        conv(x.bfloat16())                               # cast at load: a copy, not a view of the file
-    assert conv.packed is None
+        out = conv(x.bfloat16())
+    assert conv.packed is not None                       # bf16: the reorders would cost a third of the step
+    # bf16 products of float32-exact bf16 values, summed in float32 in another order, rounded to bf16: 2 bf16 ulps
+    torch.testing.assert_close(out, plain(conv, x.bfloat16()), rtol=2 * 2**-8, atol=2 * 2**-8)
+    conv = conv_from_file(tmp_path)
+    with torch.no_grad():
+        conv.weight.add_(0)                              # fp32, changed in place: the process's own
+        conv(x)
+    assert conv.packed is None                           # a packed copy would double it, for a few % of a step
     conv = conv_from_file(tmp_path).requires_grad_(True)
     conv(x).sum().backward()                             # with a gradient wanted, F.conv2d runs
     assert conv.weight.grad is not None and conv.packed is None
@@ -63,7 +72,52 @@ def test_packing_off_drops_the_copies_and_runs_f_conv2d(tmp_path):
     conv, x = conv_from_file(tmp_path), torch.randn(2, 32, 12, 20)
     with torch.no_grad():
         conv(x)
-        runtime.pack_convolutions(conv, on=False)
+        runtime.use_onednn(conv, convolutions=False)
         out = conv(x)
     assert type(conv) is nn.Conv2d and "packed" not in vars(conv)
     assert torch.equal(out, plain(conv, x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_onednn_linear_computes_f_linear(dtype, bias):
+    g = torch.Generator().manual_seed(1)
+    linear = nn.Linear(40, 24, bias=bias).to(dtype).requires_grad_(False)
+    runtime.use_onednn(linear)
+    assert type(linear) is runtime.OneDNNLinear
+    x = torch.randn(3, 7, 40, generator=g).to(dtype)   # (B, tokens, C), as in the transformers
+    with torch.no_grad():
+        out = linear(x)
+    exact = F.linear(x.double(), linear.weight.double(), None if linear.bias is None else linear.bias.double())
+    # sums of 40 products (+ bias) in float32, in any order: 41 roundings of float32 at most; bf16: one final rounding
+    limit = 41 * 2**-24 * (x.double().abs() @ linear.weight.double().abs().T).max() + (2**-8 if dtype != torch.float32
+                                                                                        else 0) * exact.abs().max()
+    assert out.shape == (3, 7, 24) and out.dtype == dtype
+    assert (out.double() - exact).abs().max() <= limit
+
+
+def test_linear_layers_back_to_plain_and_training_runs_f_linear():
+    linear = nn.Linear(16, 8)
+    runtime.use_onednn(linear)
+    x = torch.randn(4, 16)
+    linear(x).sum().backward()                           # with a gradient wanted, F.linear runs
+    assert linear.weight.grad is not None
+    runtime.use_onednn(linear, linears=False)
+    assert type(linear) is nn.Linear
+    with torch.no_grad():
+        assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
+
+
+def test_large_blocks_are_reused_within_heap_reuse_and_fresh_pages_after_it():
+    """A freed 64 MB block handed out again holds what was written into it (past its first page, where malloc keeps
+    its own records); fresh pages from the OS hold zeros."""
+    if runtime.glibc() is None:
+        pytest.skip("not glibc")
+
+    def reallocated() -> torch.Tensor:
+        block = torch.empty(64 * 2**20, dtype=torch.uint8).fill_(7)
+        del block
+        return torch.empty(64 * 2**20, dtype=torch.uint8)
+    with runtime.heap_reuse():
+        assert (reallocated()[4096::4096] == 7).all()
+    assert (reallocated()[4096::4096] == 0).all()
