@@ -8,7 +8,8 @@ UNet and VAE decoder, converted once with `openvino.convert_model` from fp32 PyT
 /tmp/sdbench/openvino, then compiled for the CPU: "fp32" with INFERENCE_PRECISION_HINT f32, "bf16" with the
 runtime's default hint when that is bf16 (it is on CPUs with AVX512-BF16 or AMX), else with bf16 asked for; the table
 names what the compiled model reports. sdlite runs as in its sampling loop (runtime.running: UNet convolutions packed
-for oneDNN, channels-last VAE), loaded with `sdlite.load(folder, dtype=dtype)`; diffusers with
+for oneDNN, linear layers on oneDNN, channels-last VAE with its blocks reused from malloc's heap), loaded with
+`sdlite.load(folder, dtype=dtype)`; diffusers with
 `from_pretrained(torch_dtype=)`.
 
 Times: every stage is called on the same inputs by diffusers, sdlite, OpenVINO, diffusers, ... (REPEATS each); a
@@ -193,10 +194,11 @@ def main() -> None:
             f"random-weight SD 1.5 from its diffusers folder; UNet step: a guided batch of 2 (timestep 500, context "
             f"2x77x768); VAE decode: one image. OpenVINO runs diffusers' UNet and decoder converted with "
             f"`openvino.convert_model` (fp32 IR), compiled with INFERENCE_PRECISION_HINT f32 for fp32, and for bf16 "
-            f"running in {precisions['bf16']}. sdlite as in its sampling loop (packed convolutions, channels-last "
-            f"VAE). Times: best of {REPEATS} calls, the three systems alternating call by call; inputs and outputs "
-            f"fp32 (the casts are in the time). Measured peaks: {peaks}; % is of the 3x3 convolution peak of the "
-            f"row's dtype. Max error: against diffusers fp32 on the same inputs. Took "
+            f"running in {precisions['bf16']}. sdlite as in its sampling loop (runtime.running: packed "
+            f"convolutions, linear layers on oneDNN, channels-last VAE, heap reuse). Times: best of {REPEATS} calls, "
+            f"the three systems alternating call by call; inputs and outputs fp32 (the casts are in the time). "
+            f"Measured peaks: {peaks}; % is of the 3x3 convolution peak of the row's dtype. Max error: against "
+            f"diffusers fp32 on the same inputs. Took "
             f"{(time.perf_counter() - start) / 60:.0f} minutes.\n\n" + table(header, rows))
     print(text)
     write_section("openvino", text)
