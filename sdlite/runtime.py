@@ -5,7 +5,8 @@
 
 `running(module)` does for the block what the module kind needs:
   UNet            convolutions on weights packed for oneDNN, linear layers on oneDNN (below); pages streamed
-  AutoencoderKL   inputs channels-last, linear layers on oneDNN, large blocks reused from malloc's heap; pages streamed
+  AutoencoderKL   inputs channels-last, linear layers on oneDNN, in bf16 or fp16 large blocks reused from malloc's
+                  heap (below); pages streamed
   text encoder    linear layers on oneDNN; its pages released after the block (it runs twice, once per prompt:
                   streaming would read them back)
 Streaming (weights.py): each layer hands the pages of its memory-mapped weights back to the OS right after it has run,
@@ -27,20 +28,22 @@ PackedConv2d, which makes, at its first call, a copy of its weight in the layout
 (inductor's weight prepacking does the same), and passes it to oneDNN's own convolution operator from then on; the
 output is channels-last, which the following layers keep. Weights that are views of a mapped checkpoint file are
 packed, and their pages go back to the page cache (weights.release): the packed copy replaces the weight in memory.
-bf16 weights are packed wherever they are (cast at load from an fp32 file, they are process memory, and the copy adds
-to it): unpacked, the reorders were a third of a bf16 step (0.83 against 0.57 s at 256x256), where fp32 weights held
-in process memory (changed in place, or moved) keep the plain path, which costs them a few % of a step. The first step
-pays for the copies.
+Weights held in process memory (cast to another dtype at load, or changed) keep the plain path: a packed copy would
+add to them. Measured for bf16 cast at load from the fp32 files: packing them too made the bf16 UNet step at 256x256
+0.57 s instead of 0.83 s, and the peak of a bf16 txt2img 4.5 GB instead of 2.7 GB (benchmarks/RESULTS.md, "Next to
+OpenVINO"). A bf16 checkpoint file loaded in bf16 has its weights packed. The first step pays for the copies.
 
 Channels-last VAE. With its inputs channels-last (N, H, W, C in memory; the shapes stay N, C, H, W), every layer of
 the VAE keeps that layout, and oneDNN's convolutions take it as it is, where each convolution of an NCHW tensor costs
 two reorders of its activations: a 512x512 decode is 13 % faster in fp32 and 15 % in bf16 on this machine.
 
-Heap reuse. A 512x512 decode allocates and frees dozens of 64-512 MB activations. glibc's malloc maps each block over
-32 MB from the OS afresh and unmaps it when freed, so every layer's output is new pages that the kernel zero-fills at
-the first touch: 0.35 s of a 3.4 s bf16 decode, 1 s of a 6.7 s fp32 one. Within the block, malloc serves them from its
-heap and keeps freed ones for the next (mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GB); after it, glibc's defaults come
-back and malloc_trim returns the free memory.
+Heap reuse. A 512x512 decode allocates and frees dozens of 32-256 MB activations. glibc's malloc maps each block
+over 32 MB from the OS afresh and unmaps it when freed, so every layer's output is new pages that the kernel zero-fills
+at the first touch: 0.35 s of a 3.4 s bf16 decode. Within the block, malloc serves them from its heap and keeps freed
+ones for the next (mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GB); after it, glibc's defaults come back and malloc_trim
+returns the free memory. The heap's fragments raise the peak of a 512x512 txt2img: in fp32 from 3.5 to 4.0 GB (for 1 s
+of a 6.7 s decode), over the 0.7 of diffusers' peak that sdlite keeps to; in bf16 from 2.8 to 3.0-3.1 GB, within it.
+So only reduced-precision VAEs run within it.
 """
 import ctypes
 import functools
@@ -66,7 +69,7 @@ def running(module: nn.Module, onednn: bool = True):
     with ExitStack() as stack:
         if isinstance(module, (UNet, AutoencoderKL, CLIPTextModel)):
             use_onednn(module, onednn and isinstance(module, UNet), onednn)
-        if isinstance(module, AutoencoderKL):
+        if isinstance(module, AutoencoderKL) and next(module.parameters()).dtype in REDUCED:
             stack.enter_context(heap_reuse())
             for part in (module.encoder, module.post_quant_conv):
                 hook = part.register_forward_pre_hook(lambda part, inputs: channels_last(inputs))
@@ -121,12 +124,10 @@ class PackedConv2d(nn.Conv2d):
         key = (weight_state(self.weight), tuple(x.shape))
         if self.packed_for != key:
             self.packed, self.packed_for = None, key
-            mapped = mapping(self.weight) is not None   # a view of the file: the copy replaces it in memory
-            if (mapped or self.weight.dtype in REDUCED) and onednn_takes(self.weight.dtype):
-                self.packed = torch.ops.mkldnn._reorder_convolution_weight(
+            if mapping(self.weight) is not None and onednn_takes(self.weight.dtype):   # a view of the file (else
+                self.packed = torch.ops.mkldnn._reorder_convolution_weight(             # a copy would add memory)
                     self.weight, self.padding, self.stride, self.dilation, self.groups, list(x.shape))
-                if mapped:
-                    release(self)                       # the copy is used from now on: the file's pages can go
+                release(self)                          # the copy is used from now on: the file's pages can go
         if self.packed is None:
             return super().forward(x)
         return torch.ops.mkldnn._convolution_pointwise(x, self.packed, self.bias, self.padding, self.stride,

@@ -1,6 +1,6 @@
-"""The fast paths of runtime.py. The UNet's convolutions: weights of a mapped file (or in bf16) packed for oneDNN at
-first use, never used stale, and plain nn.Conv2d again when oneDNN is off; linear layers as oneDNN's inner product;
-the VAE's large blocks from malloc's heap within the block, glibc's defaults after it."""
+"""The fast paths of runtime.py. The UNet's convolutions: weights of a mapped file packed for oneDNN at first use,
+never used stale, and plain nn.Conv2d again when oneDNN is off; linear layers as oneDNN's inner product; large blocks
+from malloc's heap within heap_reuse, glibc's defaults after it."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,19 +50,11 @@ def test_a_changed_weight_is_never_run_from_a_stale_pack(tmp_path):
     assert conv.packed is None          # the weight is the process's own now: a packed copy would cost memory
 
 
-def test_weights_in_process_memory_are_packed_in_bf16_only_and_training_uses_the_plain_path(tmp_path):
-    x = torch.randn(1, 32, 8, 8)
-    conv = conv_from_file(tmp_path, torch.bfloat16)      # cast at load: a copy, not a view of the file
+def test_weights_in_process_memory_and_training_use_the_plain_path(tmp_path):
+    conv, x = conv_from_file(tmp_path, torch.bfloat16), torch.randn(1, 32, 8, 8)
     with torch.no_grad():
-        out = conv(x.bfloat16())
-    assert conv.packed is not None                       # bf16: the reorders would cost a third of the step
-    # bf16 products of float32-exact bf16 values, summed in float32 in another order, rounded to bf16: 2 bf16 ulps
-    torch.testing.assert_close(out, plain(conv, x.bfloat16()), rtol=2 * 2**-8, atol=2 * 2**-8)
-    conv = conv_from_file(tmp_path)
-    with torch.no_grad():
-        conv.weight.add_(0)                              # fp32, changed in place: the process's own
-        conv(x)
-    assert conv.packed is None                           # a packed copy would double it, for a few % of a step
+        conv(x.bfloat16())                               # cast at load: a copy, not a view of the file
+    assert conv.packed is None
     conv = conv_from_file(tmp_path).requires_grad_(True)
     conv(x).sum().backward()                             # with a gradient wanted, F.conv2d runs
     assert conv.weight.grad is not None and conv.packed is None
