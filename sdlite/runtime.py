@@ -69,8 +69,9 @@ def running(module: nn.Module, onednn: bool = True):
     with ExitStack() as stack:
         if isinstance(module, (UNet, AutoencoderKL, CLIPTextModel)):
             use_onednn(module, onednn and isinstance(module, UNet), onednn)
-        if isinstance(module, AutoencoderKL) and next(module.parameters()).dtype in REDUCED:
-            stack.enter_context(heap_reuse())
+        if isinstance(module, AutoencoderKL):
+            if next(module.parameters()).dtype in REDUCED:
+                stack.enter_context(heap_reuse())
             for part in (module.encoder, module.post_quant_conv):
                 hook = part.register_forward_pre_hook(lambda part, inputs: channels_last(inputs))
                 stack.callback(hook.remove)

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdlite import UserError
+from sdlite import UserError, runtime
 from sdlite.formats.ldm import vae_from_ldm, vae_to_ldm
 from sdlite.tiling import tiled_decode, tiled_encode
 from sdlite.vae import VAE_IMPLEMENTED, VAE_REFUSED, AutoencoderKL, DiagonalGaussian, VAEConfig
@@ -73,6 +73,22 @@ def test_decode(vae, reference, case):
     ref, _ = reference
     with torch.no_grad():
         x = vae.decode(ref[f"{case}.sample"])
+    assert relative_error(x, ref[f"{case}.decoded"]) < float_rounding_tolerance(vae)
+
+
+@pytest.mark.parametrize("case", ["a", "b"])
+def test_decode_in_the_pipeline_runs_channels_last_and_matches_the_reference(vae, reference, case):
+    """runtime.running, as the pipeline decodes: every convolution's input channels-last, the reference's output."""
+    ref, _ = reference
+    layouts = []
+    hook = vae.decoder.conv_in.register_forward_pre_hook(
+        lambda conv, inputs: layouts.append(inputs[0].is_contiguous(memory_format=torch.channels_last)))
+    try:
+        with torch.no_grad(), runtime.running(vae):
+            x = vae.decode(ref[f"{case}.sample"])
+    finally:
+        hook.remove()
+    assert layouts == [True]
     assert relative_error(x, ref[f"{case}.decoded"]) < float_rounding_tolerance(vae)
 
 
