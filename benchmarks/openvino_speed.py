@@ -1,16 +1,17 @@
-"""OpenVINO as a third system next to diffusers and sdlite: one guided UNet step and one VAE decode, fp32 and bf16.
+"""OpenVINO as a third system next to diffusers and sdlite: one guided UNet step, one VAE decode and one whole txt2img
+(speed.py's: 2 PNDM steps at 512x512, guided, PIL image out), fp32 and bf16.
 Run: python benchmarks/openvino_speed.py   (needs `pip install -e .[reference]`; about 10 minutes on 2 cores, plus
 about 5 the first time, to convert the models)
      python benchmarks/openvino_speed.py --profile   (where the time goes: oneDNN verbose and OpenVINO's layer counters)
 
 All three load the random-weight SD 1.5 diffusers folder (benchmarks/checkpoints.py). OpenVINO runs diffusers' own
-UNet and VAE decoder, converted once with `openvino.convert_model` from fp32 PyTorch and kept, fp32 weights, as IR in
-/tmp/sdbench/openvino, then compiled for the CPU: "fp32" with INFERENCE_PRECISION_HINT f32, "bf16" with the
+UNet and VAE decoder and transformers' text encoder (in txt2img, in diffusers' loop: openvino_txt2img), converted
+once with `openvino.convert_model` from fp32 PyTorch and kept, fp32 weights, as IR in /tmp/sdbench/openvino, then
+compiled for the CPU: "fp32" with INFERENCE_PRECISION_HINT f32, "bf16" with the
 runtime's default hint when that is bf16 (it is on CPUs with AVX512-BF16 or AMX), else with bf16 asked for; the table
 names what the compiled model reports. sdlite runs as in its sampling loop (runtime.running: UNet convolutions packed
-for oneDNN, linear layers on oneDNN, channels-last VAE with its blocks reused from malloc's heap), loaded with
-`sdlite.load(folder, dtype=dtype)`; diffusers with
-`from_pretrained(torch_dtype=)`.
+for oneDNN, linear layers on oneDNN, channels-last VAE, a bf16 one with its blocks reused from malloc's heap), loaded
+with `sdlite.load(folder, dtype=dtype)`; diffusers with `from_pretrained(torch_dtype=)`.
 
 Times: every stage is called on the same inputs by diffusers, sdlite, OpenVINO, diffusers, ... (REPEATS each); a
 stage's time is its best (as speed.py). FLOPs are counted as speed.py does (FlopCounterMode on sdlite's modules on
@@ -23,18 +24,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import SD1, matmul_peak, seconds  # noqa: E402
+from speed import GUIDANCE, NEGATIVE, PROMPT, SD1, SIDE, STEPS, matmul_peak, seconds  # noqa: E402
+from speed import flops as speed_flops  # noqa: E402
 
 IR = Path("/tmp/sdbench/openvino")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SYSTEMS = ("diffusers", "sdlite", "OpenVINO")
-STAGES = {"UNet step 256²": ("unet", 256), "UNet step 512²": ("unet", 512), "VAE decode 512²": ("vae", 512)}
+STAGES = {"UNet step 256²": ("unet", 256), "UNet step 512²": ("unet", 512), "VAE decode 512²": ("vae", 512),
+          "txt2img 512², 2 steps": ("txt2img", 512)}
 REPEATS = int(os.environ.get("REPEATS", 2))   # REPEATS=1 on a busy machine
 
 
@@ -48,6 +52,16 @@ class UNetCall(nn.Module):
         return self.unet(latents, timestep, context, return_dict=False)[0]
 
 
+class TextCall(nn.Module):
+    """transformers' CLIP text encoder as a function of the token ids, for tracing."""
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, ids):
+        return self.text_encoder(ids, return_dict=False)[0]
+
+
 class DecoderCall(nn.Module):
     """diffusers' VAE decode (post-quant convolution and decoder) as a function of tensors, for tracing."""
     def __init__(self, vae):
@@ -59,8 +73,13 @@ class DecoderCall(nn.Module):
 
 
 def inputs(kind: str, side: int) -> tuple[torch.Tensor, ...]:
-    """The same fp32 inputs for every system: a guided batch of 2 latents, the timestep, the context; or 1 latent."""
+    """The same fp32 inputs for every system: a guided batch of 2 latents, the timestep, the context; or 1 latent;
+    the token ids of the negative prompt and the prompt; none for txt2img (its prompt: speed.py's)."""
     g = torch.Generator().manual_seed(side)
+    if kind == "txt2img":
+        return ()
+    if kind == "text":
+        return (torch.randint(49408, (2, 77), generator=g),)
     if kind == "unet":
         return torch.randn(2, 4, side // 8, side // 8, generator=g), torch.tensor(500), torch.randn(2, 77, 768,
                                                                                                   generator=g)
@@ -68,14 +87,16 @@ def inputs(kind: str, side: int) -> tuple[torch.Tensor, ...]:
 
 
 def converted(kind: str) -> Path:
-    """The IR of diffusers' fp32 UNet or VAE decoder, converted at the first use (dynamic shapes: one IR for all
-    sizes) and kept with fp32 weights."""
+    """The IR of diffusers' fp32 UNet, VAE decoder or text encoder (transformers'), converted at the first use
+    (dynamic shapes: one IR for all sizes) and kept with fp32 weights."""
     import openvino as ov
     path = IR / f"{kind}.xml"
     if path.exists():
         return path
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
     module = (UNetCall(UNet2DConditionModel.from_pretrained(SD1 / "unet")) if kind == "unet"
+              else TextCall(CLIPTextModel.from_pretrained(SD1 / "text_encoder")) if kind == "text"
               else DecoderCall(AutoencoderKL.from_pretrained(SD1 / "vae")))
     with torch.no_grad():
         model = ov.convert_model(module.eval(), example_input=inputs(kind, 256))
@@ -91,14 +112,45 @@ def openvino_calls(name: str) -> tuple[dict, str]:
     default = core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
     hint = {"INFERENCE_PRECISION_HINT": "f32"} if name == "fp32" else \
         {} if default == "bf16" else {"INFERENCE_PRECISION_HINT": "bf16"}
-    compiled = {kind: core.compile_model(core.read_model(converted(kind)), "CPU", hint) for kind in ("unet", "vae")}
+    compiled = {kind: core.compile_model(core.read_model(converted(kind)), "CPU", hint)
+                for kind in ("unet", "vae", "text")}
     used = compiled["unet"].get_property("INFERENCE_PRECISION_HINT").to_string()
     report = f"{used} ({'the default' if not hint else f'asked for; the default is {default}'})"
     requests = {kind: c.create_infer_request() for kind, c in compiled.items()}
 
     def call(kind):
         return lambda *x: torch.from_numpy(requests[kind].infer([t.numpy() for t in x])[0].copy())
-    return {kind: call(kind) for kind in compiled}, report
+    calls = {kind: call(kind) for kind in compiled}
+    return {**calls, "txt2img": openvino_txt2img(calls)}, report
+
+
+def openvino_txt2img(calls: dict):
+    """txt2img as diffusers' StableDiffusionPipeline computes it (its tokenizer, PNDM scheduler and initial noise),
+    with OpenVINO's text encoder, UNet and decoder: the loop of optimum-intel's OVStableDiffusionPipeline."""
+    from diffusers import PNDMScheduler
+    from transformers import CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(SD1 / "tokenizer")
+    scheduler = PNDMScheduler.from_pretrained(SD1 / "scheduler")
+
+    def txt2img() -> torch.Tensor:
+        ids = tokenizer([NEGATIVE, PROMPT], padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids
+        context = calls["text"](ids)
+        scheduler.set_timesteps(STEPS)
+        latents = torch.randn(1, 4, SIDE // 8, SIDE // 8, generator=torch.Generator().manual_seed(0))
+        latents = latents * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            uncond, cond = calls["unet"](scheduler.scale_model_input(torch.cat([latents, latents]), t), t,
+                                         context).chunk(2)
+            latents = scheduler.step(uncond + GUIDANCE * (cond - uncond), t, latents).prev_sample
+        image = calls["vae"](latents / 0.18215)   # the VAE's scaling factor
+        return ((image[0] / 2 + 0.5).clamp(0, 1) * 255).round().permute(1, 2, 0)
+    return txt2img
+
+
+def pixels(images) -> torch.Tensor:
+    """The first PIL image, (H, W, 3) uint8 levels as floats."""
+    return torch.from_numpy(np.asarray(images[0])).float()
 
 
 def torch_calls(system: str, dtype: torch.dtype) -> dict:
@@ -115,12 +167,17 @@ def torch_calls(system: str, dtype: torch.dtype) -> dict:
         def vae(z):
             with runtime.running(pipe.vae):
                 return pipe.vae.decode(z.to(dtype)).float()
-        return {"unet": unet, "vae": vae}
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    d_unet = UNet2DConditionModel.from_pretrained(SD1 / "unet", torch_dtype=dtype)
-    d_vae = AutoencoderKL.from_pretrained(SD1 / "vae", torch_dtype=dtype)
-    return {"unet": lambda x, t, c: d_unet(x.to(dtype), t, c.to(dtype)).sample.float(),
-            "vae": lambda z: d_vae.decode(z.to(dtype)).sample.float()}
+        return {"unet": unet, "vae": vae,
+                "txt2img": lambda: pixels(pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, guidance_scale=GUIDANCE,
+                                                       width=SIDE, height=SIDE, seed=0))}
+    from diffusers import StableDiffusionPipeline
+    d = StableDiffusionPipeline.from_pretrained(SD1, torch_dtype=dtype, safety_checker=None)
+    d.set_progress_bar_config(disable=True)
+    return {"unet": lambda x, t, c: d.unet(x.to(dtype), t, c.to(dtype)).sample.float(),
+            "vae": lambda z: d.vae.decode(z.to(dtype)).sample.float(),
+            "txt2img": lambda: pixels(d(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+                                        guidance_scale=GUIDANCE, width=SIDE, height=SIDE,
+                                        generator=torch.Generator().manual_seed(0)).images)}
 
 
 def conv_peak(dtype: torch.dtype) -> float:
@@ -136,8 +193,10 @@ def flops() -> dict[str, float]:
     """FLOPs of each stage, counted on sdlite's SD 1.5 modules moved to the meta device."""
     import sdlite
     pipe = sdlite.load(SD1).to(device="meta")
-    counted = {}
+    counted = {"txt2img 512², 2 steps": speed_flops()["txt2img"]}   # speed.py's txt2img, the same work
     for stage, (kind, side) in STAGES.items():
+        if kind == "txt2img":
+            continue
         x = [t.to("meta") if t.dim() else int(t) for t in inputs(kind, side)]
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             pipe.unet(*x) if kind == "unet" else pipe.vae.decode(*x)
@@ -173,7 +232,7 @@ def main() -> None:
     from report import machine, table, write_section
     import openvino as ov
     start, about = time.perf_counter(), machine()
-    for kind in ("unet", "vae"):
+    for kind in ("unet", "vae", "text"):
         converted(kind)
     counted, reference, peak, rows, precisions = flops(), {}, {}, [], {}
     for name in DTYPES:
@@ -192,13 +251,14 @@ def main() -> None:
                       f"TFLOP/s" for name in DTYPES)
     text = (f"## Next to OpenVINO\n\n{about} OpenVINO {ov.__version__}.\n\n`python benchmarks/openvino_speed.py`: "
             f"random-weight SD 1.5 from its diffusers folder; UNet step: a guided batch of 2 (timestep 500, context "
-            f"2x77x768); VAE decode: one image. OpenVINO runs diffusers' UNet and decoder converted with "
+            f"2x77x768); VAE decode: one image; txt2img: speed.py's ({STEPS} PNDM steps at {SIDE}x{SIDE}, guidance "
+            f"{GUIDANCE}). OpenVINO runs diffusers' UNet and decoder and transformers' text encoder converted with "
             f"`openvino.convert_model` (fp32 IR), compiled with INFERENCE_PRECISION_HINT f32 for fp32, and for bf16 "
             f"running in {precisions['bf16']}. sdlite as in its sampling loop (runtime.running: packed "
-            f"convolutions, linear layers on oneDNN, channels-last VAE, heap reuse). Times: best of {REPEATS} calls, "
+            f"convolutions, linear layers on oneDNN, channels-last VAE, heap reuse in bf16). Times: best of {REPEATS} calls, "
             f"the three systems alternating call by call; inputs and outputs fp32 (the casts are in the time). "
             f"Measured peaks: {peaks}; % is of the 3x3 convolution peak of the row's dtype. Max error: against "
-            f"diffusers fp32 on the same inputs. Took "
+            f"diffusers fp32 on the same inputs (txt2img: in uint8 levels of the image). Took "
             f"{(time.perf_counter() - start) / 60:.0f} minutes.\n\n" + table(header, rows))
     print(text)
     write_section("openvino", text)

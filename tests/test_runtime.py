@@ -1,6 +1,9 @@
 """The fast paths of runtime.py. The UNet's convolutions: weights of a mapped file packed for oneDNN at first use,
 never used stale, and plain nn.Conv2d again when oneDNN is off; linear layers as oneDNN's inner product; large blocks
 from malloc's heap within heap_reuse, glibc's defaults after it."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +12,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sdlite import runtime
+from sdlite.attention import attention
+from sdlite.unet import Attention, UNet, UNetConfig
 from sdlite.weights import read_safetensors
 
 pytestmark = pytest.mark.skipif(not runtime.AVAILABLE, reason="this torch build has no oneDNN")
@@ -113,3 +118,30 @@ def test_large_blocks_are_reused_within_heap_reuse_and_fresh_pages_after_it():
     with runtime.heap_reuse():
         assert (reallocated()[4096::4096] == 7).all()
     assert (reallocated()[4096::4096] == 0).all()
+
+
+@pytest.mark.parametrize("n, m, heads", [(300, 300, 5), (300, 77, 2), (9, 13, 1)])
+def test_blocked_attention_computes_attention_in_bf16(n, m, heads):
+    """Blocks of ROWS queries (300 crosses a block boundary), self- and cross-attention, batch 2: the attention of
+    attention.py computed in fp64 on the same bf16 inputs, to the bf16 rounding of the scores and probabilities."""
+    g = torch.Generator().manual_seed(n + m)
+    q, k, v = (torch.randn(2, length, 8 * heads, generator=g).bfloat16() for length in (n, m, m))
+    out = runtime.blocked_attention(q, k, v, heads)
+    exact = attention(q.double(), k.double(), v.double(), heads)
+    d = 8
+    scores = torch.einsum("bnhd,bmhd->bhnm", *(t.double().reshape(2, -1, heads, d) for t in (q, k))) * d**-0.5
+    # q / sqrt(d), each score and each probability rounded to bf16 (relative 2^-8 each): a score s off by |s| 2^-8
+    # (and the scaling's rounding) changes its weight by that much relative, the probability's rounding adds 2^-8,
+    # and the output's rounding another 2^-8 of |out|: all against the largest |v|
+    limit = (2 * scores.abs().max() + 3) * 2**-8 * v.double().abs().max()
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    assert (out.double() - exact).abs().max() <= limit
+
+
+def test_running_a_unet_swaps_its_attention_and_back():
+    config = UNetConfig.from_json(json.loads((Path(__file__).parent / "fixtures" / "unet_sd1.json").read_text()))
+    unet = UNet(config)
+    with runtime.running(unet):
+        assert all(type(m) is runtime.BlockedAttention for m in unet.modules() if isinstance(m, Attention))
+    with runtime.running(unet, onednn=False):
+        assert all(type(m) is Attention for m in unet.modules() if isinstance(m, Attention))
