@@ -354,16 +354,11 @@ class SpatialTransformer(nn.Module):
             tokens = block(tokens, context)
         if self.linear:
             tokens = self.proj_out(tokens)
-        # (B, C, h, w) in x's memory layout: contiguous as the reference's (convolutions round differently on
-        # channels-last memory), channels-last when x is (runtime.py's fast path)
-        out = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=memory_format(x))
+        # (B, C, h, w), contiguous like the reference's: convs round differently on channels-last memory
+        out = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
         if not self.linear:
             out = self.proj_out(out)
         return out + x
-
-
-def memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
 
 
 class UNetDownsample(nn.Module):

@@ -105,19 +105,16 @@ def test_linear_layers_back_to_plain_and_training_runs_f_linear():
         assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
 
 
-def test_large_blocks_are_reused_within_heap_reuse_and_fresh_pages_after_it():
+def test_large_blocks_are_reused_within_heap_reuse():
     """A freed 64 MB block handed out again holds what was written into it (past its first page, where malloc keeps
-    its own records); fresh pages from the OS hold zeros."""
+    its own records), where glibc's default would unmap it and map fresh, zero-filled pages. (After the block the
+    defaults are back, but whether a later 64 MB block is fresh depends on what the heap kept: not asserted.)"""
     if runtime.glibc() is None:
         pytest.skip("not glibc")
-
-    def reallocated() -> torch.Tensor:
+    with runtime.heap_reuse():
         block = torch.empty(64 * 2**20, dtype=torch.uint8).fill_(7)
         del block
-        return torch.empty(64 * 2**20, dtype=torch.uint8)
-    with runtime.heap_reuse():
-        assert (reallocated()[4096::4096] == 7).all()
-    assert (reallocated()[4096::4096] == 0).all()
+        assert (torch.empty(64 * 2**20, dtype=torch.uint8)[4096::4096] == 7).all()
 
 
 @pytest.mark.parametrize("n, m, heads", [(300, 300, 5), (300, 77, 2), (9, 13, 1)])
