@@ -139,8 +139,9 @@ class Pipeline:
                                                    # (SD 2 depth's own folder, whose depth_estimator/ load sets)
         self.vae_scale = vae.config.downscale
         # The stages run their layers on oneDNN (runtime.py): the UNet's convolutions on weights packed once, linear
-        # layers as oneDNN's inner product. False runs plain nn.Conv2d and nn.Linear, whose fp32 results are
-        # bit-identical to diffusers' text encoder and UNet instead of equal to float rounding.
+        # layers as oneDNN's inner product, the bf16 UNet's attention in blocks. False runs plain nn.Conv2d, nn.Linear
+        # and Attention, whose fp32 results are bit-identical to diffusers' text encoder and UNet instead of equal to
+        # float rounding.
         self.onednn = True
         # Images larger than the VAE's sample_size go through it in tiles (tiling.py): memory bounded by one tile
         # instead of growing with the image, at the price of results that differ from the untiled ones.

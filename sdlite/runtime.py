@@ -207,19 +207,21 @@ def weight_state(weight: torch.Tensor) -> tuple[int, int]:
 
 
 def use_onednn(module: nn.Module, convolutions: bool = True, linears: bool = True) -> None:
-    """Make `module`'s convolutions PackedConv2d and its linear layers OneDNNLinear (on the CPU, where oneDNN is
-    available), or plain nn.Conv2d and nn.Linear again.
+    """Make `module`'s convolutions PackedConv2d, and its linear layers OneDNNLinear and the UNet's attention layers
+    BlockedAttention (on the CPU, where oneDNN is available), or plain nn.Conv2d, nn.Linear and Attention again.
 
     Each layer stays the same object, only its class changes (neither adds a parameter): what holds on to a layer
     (a merged LoRA's record of its original weight, streaming's hooks) keeps finding it."""
     for layer in module.modules():
+        weights = next(layer.parameters(), None)
+        on_cpu = AVAILABLE and weights is not None and weights.device.type == "cpu"
         if type(layer) in (nn.Conv2d, PackedConv2d):
-            on = convolutions and AVAILABLE and layer.weight.device.type == "cpu"
+            on = convolutions and on_cpu
             if not on and isinstance(layer, PackedConv2d):
                 layer.__dict__.pop("packed", None)
                 layer.__dict__.pop("packed_for", None)
             layer.__class__ = PackedConv2d if on else nn.Conv2d
         elif type(layer) in (Attention, BlockedAttention):
-            layer.__class__ = BlockedAttention if linears and AVAILABLE else Attention
+            layer.__class__ = BlockedAttention if linears and on_cpu else Attention
         elif type(layer) in (nn.Linear, OneDNNLinear):
-            layer.__class__ = OneDNNLinear if linears and AVAILABLE and layer.weight.device.type == "cpu" else nn.Linear
+            layer.__class__ = OneDNNLinear if linears and on_cpu else nn.Linear

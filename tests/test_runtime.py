@@ -142,3 +142,8 @@ def test_running_a_unet_swaps_its_attention_and_back():
         assert all(type(m) is runtime.BlockedAttention for m in unet.modules() if isinstance(m, Attention))
     with runtime.running(unet, onednn=False):
         assert all(type(m) is Attention for m in unet.modules() if isinstance(m, Attention))
+    with torch.device("meta"):                           # weights off the CPU (as on a GPU): nothing swapped
+        elsewhere = UNet(config)
+    runtime.use_onednn(elsewhere)
+    assert all(type(m) in (Attention, nn.Linear, nn.Conv2d) for m in elsewhere.modules()
+               if isinstance(m, (Attention, nn.Linear, nn.Conv2d)))
