@@ -11,7 +11,7 @@ import importlib
 # then imports torch in sdlite/__main__.py, where a Ctrl-C during those first seconds ends as one line, not a traceback.
 WHERE = {"load": ".checkpoint", "Pipeline": ".pipeline", "PixelPipeline": ".pixel", "UserError": ".errors",
          "save_png": ".image", "Request": ".request", "load_controlnet": ".controlnet", "Control": ".controlnet",
-         "load_depth_estimator": ".dpt"}
+         "load_depth_estimator": ".dpt", "save": ".checkpoint"}
 __version__ = "0.1.0"
 __all__ = list(WHERE)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, prompts, samplers, schedule
-from .checkpoint import load, resolve
+from .checkpoint import check_replaceable, load, resolve, save
 from .controlnet import Control, load_controlnet
 from .errors import UserError
 from .formats.diffusers import read_json
@@ -42,7 +42,7 @@ if starting:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint", "depth2img", "sample", "schedule")
+GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint", "depth2img", "sample", "schedule", "convert")
 
 
 def default_model() -> Path:
@@ -153,6 +153,17 @@ def parser(training: bool = True) -> argparse.ArgumentParser:
     plan.add_argument("--plot", type=Path, help="write alpha_bar, sigma and SNR over the training timesteps, the "
                                                 "samplers' timesteps marked, to this PNG (needs matplotlib)")
     plan.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
+    convert = commands.add_parser("convert", help="write a model in the other layout, or in another precision",
+                                  formatter_class=HelpFormatter)
+    convert.set_defaults(run=convert_model)
+    convert.add_argument("model", help="a .safetensors or .ckpt file, a diffusers folder or a Hub id")
+    convert.add_argument("out", type=Path, help="NAME.safetensors: one file in the original layout (A1111, ComfyUI); "
+                                                "any other name: a diffusers folder")
+    convert.add_argument("--dtype", choices=DTYPES, default="fp16",
+                         help="precision of the written weights (a bf16 file loaded with --dtype bf16 runs on "
+                              "weights packed for oneDNN: faster than bf16 cast from an fp32 file, and less memory)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing OUT (a folder only if it "
+                                                                  "is a model folder)")
     if training:
         from .train.cli import add_command
         add_command(commands, HelpFormatter)
@@ -419,6 +430,14 @@ def show_schedule(args: argparse.Namespace) -> None:
                  f"T = {config.get('num_train_timesteps', 1000)}, {args.steps} steps")
         schedule.plot(schedule.training_alphas_cumprod(config), timesteps, title, args.plot, args.overwrite)
         print(args.plot)
+
+
+def convert_model(args: argparse.Namespace) -> None:
+    """convert: load a model in the precision asked for, write it in the layout OUT names."""
+    single = args.out.suffix.lower() == ".safetensors"
+    check_replaceable(args.out, single, args.overwrite)   # before the weights are read
+    save(load(args.model, dtype=DTYPES[args.dtype]), args.out, DTYPES[args.dtype], args.overwrite)
+    print(args.out)
 
 
 def make_control_image(args: argparse.Namespace) -> None:

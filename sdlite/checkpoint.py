@@ -9,8 +9,10 @@
   folder        model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/ (the diffusers layout,
                 formats/diffusers.py): every config is read from its config.json and the weights need no key mapping,
                 since sdlite's module attribute names are the diffusers names.
+`save` writes a loaded model in either layout, in the precision asked for (`sdlite convert`).
 """
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,7 +21,8 @@ from torch.overrides import TorchFunctionMode
 from .clip import CLIPTextConfig, CLIPTextModel
 from .errors import MALFORMED, UserError
 from .formats import ldm
-from .formats.diffusers import image_size, read_config, read_json, read_tokenizer, weights_file, with_text_model_prefix
+from .formats.diffusers import (image_size, read_config, read_json, read_tokenizer, save_folder, save_pixel_folder,
+                                weights_file, with_text_model_prefix)
 from .formats.families import single_file_family
 from .pipeline import Pipeline
 from .tokenizer import Tokenizer
@@ -46,6 +49,65 @@ def load(model: str | Path, dtype: torch.dtype = torch.float32, device: str | to
     if prediction_type is not None:
         pipe.scheduler_config["prediction_type"] = prediction_type
     return pipe.to(device=device, dtype=dtype)
+
+
+def save(pipe, out: str | Path, dtype: torch.dtype = torch.float16, overwrite: bool = False) -> None:
+    """Write `pipe` (a Pipeline or a PixelPipeline) with its weights in `dtype`: `NAME.safetensors` as one file in the
+    original layout, any other name as a diffusers folder. It is written beside `out` under a temporary name and
+    renamed into place when complete, so `out` is never left half-written; an existing `out` is replaced only with
+    `overwrite` (a folder only if it is a model folder: one with a model_index.json)."""
+    from .pixel import PixelPipeline   # here, not at the top: pixel.py imports this module
+    out = Path(out)
+    single = out.suffix.lower() == ".safetensors"
+    if out.suffix.lower() in FILE_SUFFIXES and not single:
+        raise UserError(f"{out}: sdlite writes .safetensors: name a NAME.safetensors file (the original layout) "
+                        "or a folder (the diffusers layout)")
+    if single and isinstance(pipe, PixelPipeline):
+        raise UserError(f"{out}: a pixel-space model has no single-file layout: name a folder")
+    if getattr(pipe, "embeddings", None):
+        raise UserError("textual-inversion embeddings are loaded: they would be written into the text encoder; "
+                        "save the model before loading them")
+    check_replaceable(out, single, overwrite)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        if single:
+            ldm.save_single_file(pipe, partial, dtype)
+        elif isinstance(pipe, PixelPipeline):
+            save_pixel_folder(pipe, partial, dtype)
+        else:
+            save_folder(pipe, partial, dtype)
+        if out.is_dir():                      # a model folder (check_replaceable): swapped out, then removed
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            partial.rename(out)
+            shutil.rmtree(old)
+        else:
+            os.replace(partial, out)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        if partial.is_dir():
+            shutil.rmtree(partial)
+        partial.unlink(missing_ok=True)
+
+
+def check_replaceable(out: Path, single: bool, overwrite: bool) -> None:
+    """Refuse, before any weights are written, an `out` that cannot be written or must not be replaced."""
+    if not out.parent.is_dir():
+        raise UserError(f"{out}: folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"{out}: cannot write to {out.parent}")
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
+        raise UserError(f"{out} exists: choose another name or pass --overwrite")
+    if single and out.is_dir():
+        raise UserError(f"{out} is a folder: name a .safetensors file")
+    if not single and not out.is_dir():
+        raise UserError(f"{out} is a file: name a folder")
+    if not single and not (out / "model_index.json").is_file():
+        raise UserError(f"{out} is a folder but not a model folder (no model_index.json): sdlite replaces only a "
+                        "model folder; name another")
 
 
 def check_device(device: str | torch.device) -> None:

@@ -13,6 +13,8 @@ for transformers' two spellings of the text encoder's keys). The configs' key ch
 from_json (sdlite/config.py reads them); the files' JSON, the weights' file names and the writer are here.
 """
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -98,17 +100,30 @@ def save_folder(pipe, out: Path, dtype: torch.dtype = torch.float16) -> None:
     """The pipeline as a diffusers folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, with
     the config keys diffusers and transformers use, so that sdlite.load and diffusers' from_pretrained both read it."""
     latent_side = pipe.default_size // pipe.vae_scale
+    depth_parts = {part: names for part, names in DEPTH_PARTS.items()   # SD 2 depth's, when loaded from its folder
+                   if pipe.depth_model is not None and (pipe.depth_model / part).is_dir()}
     write_json(out / "model_index.json", {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
-        "image_encoder": [None, None], "scheduler": ["diffusers", pipe.scheduler_config["_class_name"]],
+        "_class_name": PIPELINE_CLASSES.get(pipe.unet.config.in_channels, "StableDiffusionPipeline"),
+        "_diffusers_version": DIFFUSERS_VERSION, "safety_checker": [None, None], "requires_safety_checker": False,
+        "feature_extractor": [None, None], "image_encoder": [None, None],
+        "scheduler": ["diffusers", pipe.scheduler_config["_class_name"]],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]})
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"], **depth_parts})
     save_unet(pipe.unet, out / "unet", latent_side, dtype)
     save_vae(pipe.vae, out / "vae", dtype)
     save_text_encoder(pipe.text_encoder, out / "text_encoder", dtype)
     save_tokenizer(pipe.tokenizer, out / "tokenizer")
     save_scheduler(pipe.scheduler_config, out / "scheduler")
+    for part in depth_parts:   # copied as they are
+        shutil.copytree(pipe.depth_model / part, out / part)
+
+
+# The pipeline class of model_index.json, by the UNet's input channels (latents, + mask and masked image, + depth);
+# SD 2 depth's folder also holds its depth estimator and that estimator's preprocessing config.
+PIPELINE_CLASSES = {4: "StableDiffusionPipeline", 9: "StableDiffusionInpaintPipeline",
+                    5: "StableDiffusionDepth2ImgPipeline"}
+DEPTH_PARTS = {"depth_estimator": ["transformers", "DPTForDepthEstimation"],
+               "feature_extractor": ["transformers", "DPTImageProcessor"]}
 
 
 def save_pixel_folder(pipe, out: Path, dtype: torch.dtype = torch.float32) -> None:
@@ -168,6 +183,9 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path, dtype: torch.d
     """The tensors as a safetensors file, in `dtype`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().to(dtype).contiguous() for k, v in state_dict.items()}, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)   # save_file creates it 0600; a file written by the other writers is 0666 - umask
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -12,6 +12,7 @@ sdlite does not use are dropped by the readers and not written by the writers: t
 the schedule buffers (betas, alphas_cumprod, ...), the VAE's training loss (loss.*), CLIP's position_ids (the
 constant 0..76) and OpenCLIP's contrastive head (text_projection, logit_scale).
 """
+import dataclasses
 import re
 
 import torch
@@ -50,8 +51,32 @@ def single_file(unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> 
 
 
 def save_single_file(pipe, path, dtype: torch.dtype = torch.float16) -> None:
-    """A pipeline's networks as a single .safetensors file in the original layout."""
-    save_weights(single_file(pipe.unet, pipe.vae, pipe.text_encoder), path, dtype)
+    """A pipeline's networks as a single .safetensors file in the original layout, if it can hold them (UserError
+    naming what it cannot hold: write a folder then)."""
+    weights = single_file(pipe.unet, pipe.vae, pipe.text_encoder)
+    problem = unrepresentable(weights, pipe.unet, pipe.vae, pipe.text_encoder)
+    if problem:
+        raise UserError(f"the single-file layout cannot hold this model: {problem}; write a diffusers folder")
+    save_weights(weights, path, dtype)
+
+
+def unrepresentable(weights: dict[str, torch.Tensor], unet: UNet, vae: AutoencoderKL,
+                    text_encoder: CLIPTextModel) -> str | None:
+    """The first config value that the readers below would not find again in `weights` (a single file has no
+    config: each network's is read off its tensor shapes and the original code's constants, e.g. 32 GroupNorm
+    groups), or None. The VAE's sample_size is the family's (formats/families.py), not the file's."""
+    parts = split(weights)
+    from_openai = text_layout(parts["text_encoder"]) == "openai"
+    for name, (found, config) in {
+            "UNet": (unet_from_ldm(parts["unet"])[0], unet.config),
+            "VAE": (vae_from_ldm(parts["vae"])[0], vae.config),
+            "text encoder": ((clip_from_openai if from_openai else clip_from_openclip)(parts["text_encoder"])[0],
+                             text_encoder.config)}.items():
+        for field in dataclasses.fields(config):
+            ours, read = getattr(config, field.name), getattr(found, field.name)
+            if ours != read and field.name != "sample_size":
+                return f"its {name}'s {field.name} is {ours}, which the layout reads as {read}"
+    return None
 
 
 # ---- UNet: model.diffusion_model.* ----
