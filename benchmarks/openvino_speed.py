@@ -9,9 +9,11 @@ UNet and VAE decoder and transformers' text encoder (in txt2img, in diffusers' l
 once with `openvino.convert_model` from fp32 PyTorch and kept, fp32 weights, as IR in /tmp/sdbench/openvino, then
 compiled for the CPU: "fp32" with INFERENCE_PRECISION_HINT f32, "bf16" with the
 runtime's default hint when that is bf16 (it is on CPUs with AVX512-BF16 or AMX), else with bf16 asked for; the table
-names what the compiled model reports. sdlite runs as in its sampling loop (runtime.running: UNet convolutions packed
-for oneDNN, linear layers on oneDNN, channels-last VAE, a bf16 one with its blocks reused from malloc's heap), loaded
-with `sdlite.load(folder, dtype=dtype)`; diffusers with `from_pretrained(torch_dtype=)`.
+names what the compiled model reports. sdlite runs as in its sampling loop (runtime.running: UNet convolutions and
+linear layers packed for oneDNN, other linear layers on oneDNN, channels-last VAE, a bf16 one with its blocks reused
+from malloc's heap), loaded with `sdlite.load(folder, dtype=dtype)`; diffusers with `from_pretrained(torch_dtype=)`.
+In bf16 a fourth column, "sdlite, bf16 file": sdlite loading the bf16 single file that `sdlite convert --dtype bf16`
+writes (sdlite.save, at the first run), whose weights it packs (cast at load from the fp32 folder, it does not).
 
 Times: every stage is called on the same inputs by diffusers, sdlite, OpenVINO, diffusers, ... (REPEATS each); a
 stage's time is its best (as speed.py). FLOPs are counted as speed.py does (FlopCounterMode on sdlite's modules on
@@ -36,7 +38,8 @@ from speed import flops as speed_flops  # noqa: E402
 
 IR = Path("/tmp/sdbench/openvino")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SYSTEMS = ("diffusers", "sdlite", "OpenVINO")
+SYSTEMS = ("diffusers", "sdlite", "sdlite, bf16 file", "OpenVINO")
+BF16_FILE = Path("/tmp/sdbench/sd1-bf16.safetensors")   # the folder as `sdlite convert --dtype bf16` writes it
 STAGES = {"UNet step 256²": ("unet", 256), "UNet step 512²": ("unet", 512), "VAE decode 512²": ("vae", 512),
           "txt2img 512², 2 steps": ("txt2img", 512)}
 REPEATS = int(os.environ.get("REPEATS", 2))   # REPEATS=1 on a busy machine
@@ -153,12 +156,21 @@ def pixels(images) -> torch.Tensor:
     return torch.from_numpy(np.asarray(images[0])).float()
 
 
+def bf16_file() -> Path:
+    """The random SD 1.5 as a bf16 single file, written by sdlite.save (`sdlite convert`) at the first use."""
+    if not BF16_FILE.exists():
+        import sdlite
+        sdlite.save(sdlite.load(SD1, dtype=torch.bfloat16), BF16_FILE, torch.bfloat16)
+    return BF16_FILE
+
+
 def torch_calls(system: str, dtype: torch.dtype) -> dict:
-    """The UNet call and the VAE decode of diffusers or sdlite in `dtype`, on fp32 inputs, fp32 outputs."""
-    if system == "sdlite":
+    """The UNet call and the VAE decode of diffusers or sdlite in `dtype`, on fp32 inputs, fp32 outputs; "sdlite,
+    bf16 file" is sdlite loading the bf16 file rather than casting the fp32 folder's weights at load."""
+    if system.startswith("sdlite"):
         import sdlite
         from sdlite import runtime
-        pipe = sdlite.load(SD1, dtype=dtype)
+        pipe = sdlite.load(bf16_file() if system == "sdlite, bf16 file" else SD1, dtype=dtype)
 
         def unet(latents, t, context):   # as in the sampling loop: the fast paths of runtime.py
             with runtime.running(pipe.unet):
@@ -208,7 +220,8 @@ def alternated(name: str, reference: dict, peak: dict) -> tuple[dict, dict, str]
     """Best time and max error against `reference` (filled in from diffusers when empty) of every stage and system,
     the systems alternating call by call."""
     dtype = DTYPES[name]
-    calls = {system: torch_calls(system, dtype) for system in ("diffusers", "sdlite")}
+    systems = systems_of(name)
+    calls = {system: torch_calls(system, dtype) for system in systems if system != "OpenVINO"}
     calls["OpenVINO"], precision = openvino_calls(name)
     best, error = {}, {}
     with torch.no_grad():
@@ -216,16 +229,21 @@ def alternated(name: str, reference: dict, peak: dict) -> tuple[dict, dict, str]
             x = inputs(kind, side)
             for peak_name, measure in (("matmul", matmul_peak), ("conv", conv_peak)):
                 peak[name, peak_name] = max(peak.get((name, peak_name), 0.0), measure(dtype))
-            for system in SYSTEMS:   # the first call of each (packing, oneDNN's kernels) is not timed
+            for system in systems:   # the first call of each (packing, oneDNN's kernels) is not timed
                 out = calls[system][kind](*x)
                 reference.setdefault(stage, out)
                 error[system, stage] = (out - reference[stage]).abs().max().item()
             for _ in range(REPEATS):
-                for system in SYSTEMS:
+                for system in systems:
                     t = seconds(lambda: calls[system][kind](*x))
                     best[system, stage] = min(best.get((system, stage), t), t)
                     print(f"{name} {stage} {system}: {t:.2f} s", flush=True)
     return best, error, precision
+
+
+def systems_of(name: str) -> tuple[str, ...]:
+    """The systems measured in `name`: in fp32 the fp32 folder is already what a file in the dtype used gives."""
+    return SYSTEMS if name == "bf16" else tuple(s for s in SYSTEMS if s != "sdlite, bf16 file")
 
 
 def main() -> None:
@@ -238,15 +256,19 @@ def main() -> None:
     for name in DTYPES:
         best, error, precisions[name] = alternated(name, reference, peak)
         for stage in STAGES:
-            s, o = best["sdlite", stage], best["OpenVINO", stage]
-            cells = []
+            cells, o = [], best["OpenVINO", stage]
             for system in SYSTEMS:
+                if (system, stage) not in best:
+                    cells.append("(= sdlite)")
+                    continue
                 rate = counted[stage] / best[system, stage]
                 cells.append(f"{best[system, stage]:.2f} s, {rate / 1e12:.2f} TF/s, "
                              f"{100 * rate / peak[name, 'conv']:.0f}%, err {error[system, stage]:.1e}")
-            rows.append([name, stage, f"{counted[stage] / 1e9:.0f}", *cells, f"{s / o:.2f}"])
+            ratios = [f"{best[system, stage] / o:.2f}" if (system, stage) in best else "-"
+                      for system in ("sdlite", "sdlite, bf16 file")]
+            rows.append([name, stage, f"{counted[stage] / 1e9:.0f}", *cells, *ratios])
     header = ["dtype", "stage", "GFLOP", *(f"{s}: s, TFLOP/s, % conv peak, max error" for s in SYSTEMS),
-              "sdlite / OpenVINO"]
+              "sdlite / OpenVINO", "sdlite, bf16 file / OpenVINO"]
     peaks = "; ".join(f"{name}: matmul {peak[name, 'matmul'] / 1e12:.2f}, 3x3 conv {peak[name, 'conv'] / 1e12:.2f} "
                       f"TFLOP/s" for name in DTYPES)
     text = (f"## Next to OpenVINO\n\n{about} OpenVINO {ov.__version__}.\n\n`python benchmarks/openvino_speed.py`: "
@@ -254,9 +276,12 @@ def main() -> None:
             f"2x77x768); VAE decode: one image; txt2img: speed.py's ({STEPS} PNDM steps at {SIDE}x{SIDE}, guidance "
             f"{GUIDANCE}). OpenVINO runs diffusers' UNet and decoder and transformers' text encoder converted with "
             f"`openvino.convert_model` (fp32 IR), compiled with INFERENCE_PRECISION_HINT f32 for fp32, and for bf16 "
-            f"running in {precisions['bf16']}. sdlite as in its sampling loop (runtime.running: packed "
-            f"convolutions, linear layers on oneDNN, channels-last VAE, heap reuse in bf16). Times: best of {REPEATS} calls, "
-            f"the three systems alternating call by call; inputs and outputs fp32 (the casts are in the time). "
+            f"running in {precisions['bf16']}. sdlite as in its sampling loop (runtime.running: UNet "
+            f"convolutions and linear layers packed for oneDNN where the weights are used from the file as stored, "
+            f"other linear layers on oneDNN, bf16 attention in blocks, channels-last VAE, heap reuse in bf16); "
+            f"\"sdlite, bf16 file\": sdlite loading the same weights from the bf16 single file `sdlite convert "
+            f"--dtype bf16` writes (packed; loaded in bf16 from the fp32 folder, sdlite casts at load and does not "
+            f"pack). Times: best of {REPEATS} calls, the systems alternating call by call; inputs and outputs fp32 (the casts are in the time). "
             f"Measured peaks: {peaks}; % is of the 3x3 convolution peak of the row's dtype. Max error: against "
             f"diffusers fp32 on the same inputs (txt2img: in uint8 levels of the image). Took "
             f"{(time.perf_counter() - start) / 60:.0f} minutes.\n\n" + table(header, rows))

@@ -79,18 +79,19 @@ def test_onednn_and_plain_layers_both_give_the_reference_images(checkpoints):
     c = CASES[name]
     pipe = sdlite.load(checkpoints / "sd1")
     convs = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)]
-    linears = [m for net in (pipe.text_encoder, pipe.unet, pipe.vae) for m in net.modules()
-               if isinstance(m, torch.nn.Linear)]
+    unet_linears = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for net in (pipe.text_encoder, pipe.vae) for m in net.modules() if isinstance(m, torch.nn.Linear)]
     for onednn in (True, False):
         pipe.onednn = onednn
         images = pipe.txt2img(c["prompt"], width=c["width"], height=c["height"], **settings(c))
         assert_same_images(images, REFERENCE[name])
         if onednn and runtime.AVAILABLE:
             assert all(isinstance(conv, runtime.PackedConv2d) and conv.packed is not None for conv in convs)
+            assert all(type(linear) is runtime.PackedLinear and linear.packed is not None for linear in unet_linears)
             assert all(type(linear) is runtime.OneDNNLinear for linear in linears)
         else:
             assert all(type(conv) is torch.nn.Conv2d for conv in convs)
-            assert all(type(linear) is torch.nn.Linear for linear in linears)
+            assert all(type(linear) is torch.nn.Linear for linear in linears + unet_linears)
 
 
 def test_a_seed_means_one_image_and_another_seed_another(checkpoints):

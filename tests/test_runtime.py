@@ -69,7 +69,7 @@ def test_packing_off_drops_the_copies_and_runs_f_conv2d(tmp_path):
     conv, x = conv_from_file(tmp_path), torch.randn(2, 32, 12, 20)
     with torch.no_grad():
         conv(x)
-        runtime.use_onednn(conv, convolutions=False)
+        runtime.use_onednn(conv, pack=False)
         out = conv(x)
     assert type(conv) is nn.Conv2d and "packed" not in vars(conv)
     assert torch.equal(out, plain(conv, x))
@@ -80,7 +80,7 @@ def test_packing_off_drops_the_copies_and_runs_f_conv2d(tmp_path):
 def test_a_onednn_linear_computes_f_linear(dtype, bias):
     g = torch.Generator().manual_seed(1)
     linear = nn.Linear(40, 24, bias=bias).to(dtype).requires_grad_(False)
-    runtime.use_onednn(linear)
+    runtime.use_onednn(linear, pack=False)   # the text encoder's and the VAE's
     assert type(linear) is runtime.OneDNNLinear
     x = torch.randn(3, 7, 40, generator=g).to(dtype)   # (B, tokens, C), as in the transformers
     with torch.no_grad():
@@ -91,6 +91,51 @@ def test_a_onednn_linear_computes_f_linear(dtype, bias):
                                                                                         else 0) * exact.abs().max()
     assert out.shape == (3, 7, 24) and out.dtype == dtype
     assert (out.double() - exact).abs().max() <= limit
+
+
+def linear_from_file(tmp_path, dtype=torch.float32) -> nn.Linear:
+    """An nn.Linear whose weights are views of a safetensors file, made a PackedLinear (the UNet's)."""
+    g = torch.Generator().manual_seed(2)
+    save_file({"weight": torch.randn(48, 40, generator=g) / 10, "bias": torch.randn(48, generator=g)},
+              tmp_path / "linear.safetensors")
+    linear = nn.Linear(40, 48, device="meta")
+    linear.load_state_dict(read_safetensors(tmp_path / "linear.safetensors", dtype), assign=True)
+    runtime.use_onednn(linear)
+    assert type(linear) is runtime.PackedLinear
+    return linear.requires_grad_(False)
+
+
+def assert_linear_close(out: torch.Tensor, linear: nn.Linear, x: torch.Tensor):
+    """Against the fp64 product: sums of 40 products and the bias in float32, in any order, are 41 roundings of
+    float32 at most, each within 2**-24 of the sum of magnitudes."""
+    exact = F.linear(x.double(), linear.weight.double(), linear.bias.double())
+    limit = 41 * 2**-24 * (x.double().abs() @ linear.weight.double().abs().T + linear.bias.double().abs()).max()
+    assert out.shape == exact.shape and (out.double() - exact).abs().max() <= limit
+
+
+def test_a_packed_linear_computes_f_linear_for_each_row_count(tmp_path):
+    linear = linear_from_file(tmp_path)
+    for x in torch.randn(2, 77, 40), torch.randn(3, 40):
+        with torch.no_grad():
+            out = linear(x)
+        rows = x.numel() // 40
+        assert linear.packed is not None and linear.packed_for[1] == rows
+        assert_linear_close(out, linear, x)
+
+
+def test_a_packed_linear_never_runs_a_stale_pack_and_packs_only_views_of_the_file(tmp_path):
+    linear, x = linear_from_file(tmp_path), torch.randn(5, 40)
+    with torch.no_grad():
+        linear(x)
+        linear.weight.mul_(-1)
+        assert_linear_close(linear(x), linear, x)
+    assert linear.packed is None          # the weight is the process's own now: a packed copy would cost memory
+    linear = linear_from_file(tmp_path, torch.bfloat16)   # cast at load: a copy, not a view of the file
+    with torch.no_grad():
+        linear(x.bfloat16())
+    assert linear.packed is None
+    runtime.use_onednn(linear, pack=False)
+    assert type(linear) is runtime.OneDNNLinear and "packed" not in vars(linear)
 
 
 def test_linear_layers_back_to_plain_and_training_runs_f_linear():
