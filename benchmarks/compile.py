@@ -48,8 +48,8 @@ def worker(mode: str, name: str, side: int) -> dict:
             with runtime.running(unet):
                 return unet(*args)
     else:
-        import torch._inductor.config
-        torch._inductor.config.freezing = True
+        from torch._inductor import config as inductor
+        inductor.freezing = True
         compiled = torch.compile(unet)
 
         def step():

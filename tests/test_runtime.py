@@ -177,10 +177,16 @@ def test_heap_reuse_sets_malloc_within_the_block_and_restores_glibcs_defaults_af
     assert libc.settings == {runtime.M_MMAP_MAX: 65536, runtime.M_TRIM_THRESHOLD: 128 * 1024} and libc.trims == 1
 
 
-@pytest.mark.parametrize("n, m, heads", [(300, 300, 5), (300, 77, 2), (9, 13, 1)])
-def test_blocked_attention_computes_attention_in_bf16(n, m, heads):
-    """Blocks of ROWS queries (300 crosses a block boundary), self- and cross-attention, batch 2: the attention of
-    attention.py computed in fp64 on the same bf16 inputs, to the bf16 rounding of the scores and probabilities."""
+@pytest.mark.parametrize("n, m, heads, scores", [
+    (300, 300, 5, 2**20),        # all 10 (image, head) pairs in one block
+    (300, 300, 5, 7 * 300),      # 7 queries a block: the last block of each pair has 6
+    (300, 77, 5, 3 * 300 * 77),  # 3 whole pairs a block: the last block has 1
+    (9, 13, 1, 2**20)])
+def test_blocked_attention_computes_attention_in_bf16(monkeypatch, n, m, heads, scores):
+    """Blocks of SCORES scores cut across queries and across (image, head) pairs, self- and cross-attention, batch 2:
+    the attention of attention.py computed in fp64 on the same bf16 inputs, to the bf16 rounding of the scores and
+    probabilities."""
+    monkeypatch.setattr(runtime, "SCORES", scores)
     g = torch.Generator().manual_seed(n + m)
     q, k, v = (torch.randn(2, length, 8 * heads, generator=g).bfloat16() for length in (n, m, m))
     out = runtime.blocked_attention(q, k, v, heads)
