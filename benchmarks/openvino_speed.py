@@ -281,7 +281,8 @@ def main() -> None:
             f"other linear layers on oneDNN, bf16 attention in blocks, channels-last VAE, heap reuse in bf16); "
             f"\"sdlite, bf16 file\": sdlite loading the same weights from the bf16 single file `sdlite convert "
             f"--dtype bf16` writes (packed; loaded in bf16 from the fp32 folder, sdlite casts at load and does not "
-            f"pack). Times: best of {REPEATS} calls, the systems alternating call by call; inputs and outputs fp32 (the casts are in the time). "
+            f"pack). Times: best of {REPEATS} calls, the systems alternating call by call; inputs and outputs fp32 "
+            f"(the casts are in the time). "
             f"Measured peaks: {peaks}; % is of the 3x3 convolution peak of the row's dtype. Max error: against "
             f"diffusers fp32 on the same inputs (txt2img: in uint8 levels of the image). Took "
             f"{(time.perf_counter() - start) / 60:.0f} minutes.\n\n" + table(header, rows))

@@ -19,8 +19,8 @@ Linear layers on oneDNN. F.linear calls the BLAS library PyTorch is built with (
 matrix product takes its generic kernels, 0.20 TFLOP/s on the 2-core EPYC here, where oneDNN's inner product on the
 same shapes runs at 0.45 (bf16: level, 0.8-0.9). Each nn.Linear becomes a OneDNNLinear, which calls oneDNN's: the fp32
 UNet step at 256x256 went from 1.54 s to 1.06 s (its 184 linear layers from 725 to 353 ms). The UNet's become
-PackedLinear, which also packs its weight once, as PackedConv2d does (below), rather than oneDNN reordering it at every
-call: 4-20 % off each layer, a UNet step at 256x256 12 % faster in fp32 and 6 % in bf16.
+PackedLinear, which in bf16 also packs its weight once, as PackedConv2d does (below), rather than oneDNN reordering it
+at every call: 0-25 % off each layer, a UNet step at 256x256 6 % faster (fp32: 12 %, but not kept, for memory).
 
 Attention in blocks (bf16). PyTorch's CPU flash-attention kernel computes its products with oneDNN's brgemm only
 where it can pack for AMX; elsewhere it calls the BLAS in fp32, even for bf16 inputs, and MKL's fp32 product on AMD is
@@ -29,8 +29,8 @@ same attention in blocks of 1M scores (256 queries x 4096 keys of one head; seve
 fewer scores) with bf16 matrix products (oneDNN's), the block's scores staying in the cache: 148 against 321 ms per
 4096-token call, a 512x512 bf16 UNet step 3.1 s instead of 4.0 s. Grouping the heads of short sequences and of
 cross-attention (77 keys) into one block saves the per-call costs of many small products: 25 ms of a 256x256 step,
-60 ms of a 512x512 one. Its scores and probabilities are rounded to bf16 as diffusers' AttnProcessor rounds them: the UNet's output
-is 0.034 from the fp32 one against flash's 0.032. fp32 keeps the flash kernel (blocks are slower there: no faster
+60 ms of a 512x512 one. Its scores and probabilities are rounded to bf16 as diffusers' AttnProcessor rounds them: the
+UNet's output is 0.034 from the fp32 one against flash's 0.032. fp32 keeps the flash kernel (blocks are slower there: no faster
 fp32 product to use).
 
 Packed convolutions. On the CPU, PyTorch runs a convolution with oneDNN, which computes on weights in a blocked layout
@@ -155,8 +155,10 @@ class OneDNNLinear(nn.Linear):
 
 
 class PackedLinear(nn.Linear):
-    """OneDNNLinear on `packed`: its weight in the layout oneDNN's inner product picks for inputs of as many rows as
-    the call at hand, made at the first such call."""
+    """OneDNNLinear on `packed`, in bf16 or fp16: its weight in the layout oneDNN's inner product picks for inputs of
+    as many rows as the call at hand, made at the first such call. fp32 weights stay unpacked: the packed copies of
+    SD 1.5's UNet linear layers (1.0 GB in fp32) would be held beside those of its convolutions (2.2 GB), which took
+    the peak of an fp32 txt2img from 0.62-0.67 of diffusers' to 0.81, over the 0.7 that sdlite keeps to."""
     packed: torch.Tensor | None = None
     packed_for: tuple | None = None  # ((address, version) of the weight, rows of the input)
 
@@ -164,7 +166,8 @@ class PackedLinear(nn.Linear):
         if torch.is_grad_enabled() or not onednn_takes(x.dtype):
             return super().forward(x)
         rows = x.numel() // x.shape[-1]
-        packed = packed_weight(self, rows, lambda: torch.ops.mkldnn._reorder_linear_weight(self.weight, rows))
+        packed = packed_weight(self, rows, lambda: torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)) \
+            if self.weight.dtype in REDUCED else None
         return torch.ops.mkldnn._linear_pointwise(x, self.weight if packed is None else packed, self.bias, "none",
                                                   [], "")
 

@@ -93,11 +93,12 @@ def test_a_onednn_linear_computes_f_linear(dtype, bias):
     assert (out.double() - exact).abs().max() <= limit
 
 
-def linear_from_file(tmp_path, dtype=torch.float32) -> nn.Linear:
-    """An nn.Linear whose weights are views of a safetensors file, made a PackedLinear (the UNet's)."""
+def linear_from_file(tmp_path, dtype=torch.bfloat16) -> nn.Linear:
+    """An nn.Linear whose weights are views of a safetensors file stored in `dtype`, made a PackedLinear (the
+    UNet's)."""
     g = torch.Generator().manual_seed(2)
-    save_file({"weight": torch.randn(48, 40, generator=g) / 10, "bias": torch.randn(48, generator=g)},
-              tmp_path / "linear.safetensors")
+    weights = {"weight": torch.randn(48, 40, generator=g) / 10, "bias": torch.randn(48, generator=g)}
+    save_file({name: w.to(dtype) for name, w in weights.items()}, tmp_path / "linear.safetensors")
     linear = nn.Linear(40, 48, device="meta")
     linear.load_state_dict(read_safetensors(tmp_path / "linear.safetensors", dtype), assign=True)
     runtime.use_onednn(linear)
@@ -106,16 +107,18 @@ def linear_from_file(tmp_path, dtype=torch.float32) -> nn.Linear:
 
 
 def assert_linear_close(out: torch.Tensor, linear: nn.Linear, x: torch.Tensor):
-    """Against the fp64 product: sums of 40 products and the bias in float32, in any order, are 41 roundings of
-    float32 at most, each within 2**-24 of the sum of magnitudes."""
+    """Against the fp64 product of the same bf16 numbers: sums of 40 products and the bias in float32, in any order,
+    are 41 roundings of float32 at most, each within 2**-24 of the sum of magnitudes; then the output's rounding to
+    bf16, 2**-8 of its magnitude."""
     exact = F.linear(x.double(), linear.weight.double(), linear.bias.double())
-    limit = 41 * 2**-24 * (x.double().abs() @ linear.weight.double().abs().T + linear.bias.double().abs()).max()
-    assert out.shape == exact.shape and (out.double() - exact).abs().max() <= limit
+    limit = 41 * 2**-24 * (x.double().abs() @ linear.weight.double().abs().T + linear.bias.double().abs()).max() \
+        + 2**-8 * exact.abs().max()
+    assert out.shape == exact.shape and out.dtype == torch.bfloat16 and (out.double() - exact).abs().max() <= limit
 
 
 def test_a_packed_linear_computes_f_linear_for_each_row_count(tmp_path):
     linear = linear_from_file(tmp_path)
-    for x in torch.randn(2, 77, 40), torch.randn(3, 40):
+    for x in torch.randn(2, 77, 40).bfloat16(), torch.randn(3, 40).bfloat16():
         with torch.no_grad():
             out = linear(x)
         rows = x.numel() // 40
@@ -123,16 +126,23 @@ def test_a_packed_linear_computes_f_linear_for_each_row_count(tmp_path):
         assert_linear_close(out, linear, x)
 
 
-def test_a_packed_linear_never_runs_a_stale_pack_and_packs_only_views_of_the_file(tmp_path):
-    linear, x = linear_from_file(tmp_path), torch.randn(5, 40)
+def test_a_packed_linear_never_runs_a_stale_pack_and_packs_only_bf16_views_of_the_file(tmp_path):
+    linear, x = linear_from_file(tmp_path), torch.randn(5, 40).bfloat16()
     with torch.no_grad():
         linear(x)
         linear.weight.mul_(-1)
         assert_linear_close(linear(x), linear, x)
     assert linear.packed is None          # the weight is the process's own now: a packed copy would cost memory
-    linear = linear_from_file(tmp_path, torch.bfloat16)   # cast at load: a copy, not a view of the file
+    linear = nn.Linear(40, 48, device="meta")   # bf16 cast at load from an fp32 file: a copy, not a view of it
+    save_file({"weight": torch.randn(48, 40), "bias": torch.randn(48)}, tmp_path / "fp32.safetensors")
+    linear.load_state_dict(read_safetensors(tmp_path / "fp32.safetensors", torch.bfloat16), assign=True)
+    runtime.use_onednn(linear.requires_grad_(False))
     with torch.no_grad():
-        linear(x.bfloat16())
+        linear(x)
+    assert type(linear) is runtime.PackedLinear and linear.packed is None
+    linear = linear_from_file(tmp_path, torch.float32)   # fp32 stays unpacked (memory: see PackedLinear)
+    with torch.no_grad():
+        linear(x.float())
     assert linear.packed is None
     runtime.use_onednn(linear, pack=False)
     assert type(linear) is runtime.OneDNNLinear and "packed" not in vars(linear)
