@@ -434,8 +434,7 @@ def show_schedule(args: argparse.Namespace) -> None:
 
 def convert_model(args: argparse.Namespace) -> None:
     """convert: load a model in the precision asked for, write it in the layout OUT names."""
-    single = args.out.suffix.lower() == ".safetensors"
-    check_replaceable(args.out, single, args.overwrite)   # before the weights are read
+    check_replaceable(args.out, args.overwrite)   # before the weights are read
     save(load(args.model, dtype=DTYPES[args.dtype]), args.out, DTYPES[args.dtype], args.overwrite)
     print(args.out)
 

@@ -58,16 +58,12 @@ def save(pipe, out: str | Path, dtype: torch.dtype = torch.float16, overwrite: b
     `overwrite` (a folder only if it is a model folder: one with a model_index.json)."""
     from .pixel import PixelPipeline   # here, not at the top: pixel.py imports this module
     out = Path(out)
-    single = out.suffix.lower() == ".safetensors"
-    if out.suffix.lower() in FILE_SUFFIXES and not single:
-        raise UserError(f"{out}: sdlite writes .safetensors: name a NAME.safetensors file (the original layout) "
-                        "or a folder (the diffusers layout)")
+    single = check_replaceable(out, overwrite)
     if single and isinstance(pipe, PixelPipeline):
         raise UserError(f"{out}: a pixel-space model has no single-file layout: name a folder")
     if getattr(pipe, "embeddings", None):
         raise UserError("textual-inversion embeddings are loaded: they would be written into the text encoder; "
                         "save the model before loading them")
-    check_replaceable(out, single, overwrite)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
         if single:
@@ -91,14 +87,19 @@ def save(pipe, out: str | Path, dtype: torch.dtype = torch.float16, overwrite: b
         partial.unlink(missing_ok=True)
 
 
-def check_replaceable(out: Path, single: bool, overwrite: bool) -> None:
-    """Refuse, before any weights are written, an `out` that cannot be written or must not be replaced."""
+def check_replaceable(out: Path, overwrite: bool) -> bool:
+    """Refuse, before any weights are read or written, an `out` that cannot be written or must not be replaced;
+    -> whether it names a single file (else a folder)."""
+    single = out.suffix.lower() == ".safetensors"
+    if out.suffix.lower() in FILE_SUFFIXES and not single:
+        raise UserError(f"{out}: sdlite writes .safetensors: name a NAME.safetensors file (the original layout) "
+                        "or a folder (the diffusers layout)")
     if not out.parent.is_dir():
         raise UserError(f"{out}: folder {out.parent} does not exist")
     if not os.access(out.parent, os.W_OK):
         raise UserError(f"{out}: cannot write to {out.parent}")
     if not os.path.lexists(out):
-        return
+        return single
     if not overwrite:
         raise UserError(f"{out} exists: choose another name or pass --overwrite")
     if single and out.is_dir():
@@ -108,6 +109,7 @@ def check_replaceable(out: Path, single: bool, overwrite: bool) -> None:
     if not single and not (out / "model_index.json").is_file():
         raise UserError(f"{out} is a folder but not a model folder (no model_index.json): sdlite replaces only a "
                         "model folder; name another")
+    return single
 
 
 def check_device(device: str | torch.device) -> None:

@@ -4,8 +4,8 @@
         eps = pipe.unet(x, t, context)
 
 `running(module)` does for the block what the module kind needs:
-  UNet            convolutions and linear layers on weights packed for oneDNN, bf16 attention in blocks (below);
-                  pages streamed
+  UNet            convolutions (and bf16 linear layers) on weights packed for oneDNN, other linear layers on
+                  oneDNN, bf16 attention in blocks (below); pages streamed
   AutoencoderKL   inputs channels-last, linear layers on oneDNN, in bf16 or fp16 large blocks reused from malloc's
                   heap (below); pages streamed
   text encoder    linear layers on oneDNN; its pages released after the block (it runs twice, once per prompt:
@@ -30,8 +30,8 @@ fewer scores) with bf16 matrix products (oneDNN's), the block's scores staying i
 4096-token call, a 512x512 bf16 UNet step 3.1 s instead of 4.0 s. Grouping the heads of short sequences and of
 cross-attention (77 keys) into one block saves the per-call costs of many small products: 25 ms of a 256x256 step,
 60 ms of a 512x512 one. Its scores and probabilities are rounded to bf16 as diffusers' AttnProcessor rounds them: the
-UNet's output is 0.034 from the fp32 one against flash's 0.032. fp32 keeps the flash kernel (blocks are slower there: no faster
-fp32 product to use).
+UNet's output is 0.034 from the fp32 one against flash's 0.032. fp32 keeps the flash kernel (blocks are slower there:
+no faster fp32 product to use).
 
 Packed convolutions. On the CPU, PyTorch runs a convolution with oneDNN, which computes on weights in a blocked layout
 (ABcd16b16a for fp32: 16x16 tiles of output x input channels). F.conv2d reorders the weight from PyTorch's OIHW layout

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 import sdlite
+import sdlite.__main__
 from sdlite.__main__ import main
 from sdlite.formats import diffusers as diffusers_format
 from sdlite.weights import mapping
@@ -132,7 +133,8 @@ def test_overwrite_replaces_a_model_folder_whole(checkpoints, tmp_path, capsys):
     ("a-folder", ["--overwrite"], ["not a model folder"]),
     ("a-folder.safetensors", ["--overwrite"], ["is a folder"]),
 ])
-def test_refused_before_anything_is_written(checkpoints, tmp_path, capsys, out, flags, words):
+def test_refused_before_anything_is_read_or_written(checkpoints, tmp_path, capsys, monkeypatch, out, flags, words):
+    monkeypatch.setattr(sdlite.__main__, "load", lambda *a, **k: pytest.fail("the model was read before the check"))
     (tmp_path / "existing.safetensors").write_bytes(b"keep me")
     (tmp_path / "a-folder").mkdir()
     (tmp_path / "a-folder" / "mine.txt").write_text("keep me")
