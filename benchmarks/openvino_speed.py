@@ -11,7 +11,8 @@ compiled for the CPU: "fp32" with INFERENCE_PRECISION_HINT f32, "bf16" with the
 runtime's default hint when that is bf16 (it is on CPUs with AVX512-BF16 or AMX), else with bf16 asked for; the table
 names what the compiled model reports. sdlite runs as in its sampling loop (runtime.running: UNet convolutions and
 bf16 linear layers packed for oneDNN, other linear layers on oneDNN, channels-last VAE, a bf16 one with its blocks
-reused from malloc's heap), loaded with `sdlite.load(folder, dtype=dtype)`; diffusers with `from_pretrained(torch_dtype=)`.
+reused from malloc's heap), loaded with `sdlite.load(folder, dtype=dtype)`; diffusers with
+`from_pretrained(torch_dtype=)`.
 In bf16 a fourth column, "sdlite, bf16 file": sdlite loading the bf16 single file that `sdlite convert --dtype bf16`
 writes (sdlite.save, at the first run), whose weights it packs (cast at load from the fp32 folder, it does not).
 
@@ -277,7 +278,8 @@ def main() -> None:
             f"{GUIDANCE}). OpenVINO runs diffusers' UNet and decoder and transformers' text encoder converted with "
             f"`openvino.convert_model` (fp32 IR), compiled with INFERENCE_PRECISION_HINT f32 for fp32, and for bf16 "
             f"running in {precisions['bf16']}. sdlite as in its sampling loop (runtime.running: UNet "
-            f"convolutions (and bf16 linear layers) packed for oneDNN where the weights are used from the file as stored, "
+            f"convolutions (and bf16 linear layers) packed for oneDNN where the weights are used from the file as "
+            f"stored, "
             f"other linear layers on oneDNN, bf16 attention in blocks, channels-last VAE, heap reuse in bf16); "
             f"\"sdlite, bf16 file\": sdlite loading the same weights from the bf16 single file `sdlite convert "
             f"--dtype bf16` writes (packed; loaded in bf16 from the fp32 folder, sdlite casts at load and does not "
