@@ -24,6 +24,7 @@ from .formats import ldm
 from .formats.diffusers import (image_size, read_config, read_json, read_tokenizer, save_folder, save_pixel_folder,
                                 weights_file, with_text_model_prefix)
 from .formats.families import single_file_family
+from .image import check_writable
 from .pipeline import Pipeline
 from .tokenizer import Tokenizer
 from .unet import UNet, UNetConfig
@@ -96,8 +97,7 @@ def check_replaceable(out: Path, overwrite: bool) -> bool:
                         "or a folder (the diffusers layout)")
     if not out.parent.is_dir():
         raise UserError(f"{out}: folder {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"{out}: cannot write to {out.parent}")
+    check_writable(out.parent, str(out))
     if not os.path.lexists(out):
         return single
     if not overwrite:

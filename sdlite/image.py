@@ -186,13 +186,13 @@ def link_exclusively(tmp: Path, path: Path) -> None:
             raise
 
 
-def check_writable(folder: Path) -> None:
-    """Refuse a folder where no file can be created, before spending a generation on the image."""
+def check_writable(folder: Path, what: str = "--out") -> None:
+    """Refuse a folder where no file can be created, before spending a generation (or a conversion) on it."""
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise UserError(f"--out: cannot write to {folder}: {e.strerror or e}") from None
+        raise UserError(f"{what}: cannot write to {folder}: {e.strerror or e}") from None
 
 
 def open_rgb(image: str | Path | Image.Image, what: str = "image") -> Image.Image:

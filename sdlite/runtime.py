@@ -154,7 +154,7 @@ class OneDNNLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
-class PackedLinear(nn.Linear):
+class PackedLinear(OneDNNLinear):
     """OneDNNLinear on `packed`, in bf16 or fp16: its weight in the layout oneDNN's inner product picks for inputs of
     as many rows as the call at hand, made at the first such call. fp32 weights stay unpacked: the packed copies of
     SD 1.5's UNet linear layers (1.0 GB in fp32) would be held beside those of its convolutions (2.2 GB), which took
@@ -163,13 +163,13 @@ class PackedLinear(nn.Linear):
     packed_for: tuple | None = None  # ((address, version) of the weight, rows of the input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or not onednn_takes(x.dtype):
+        if torch.is_grad_enabled() or self.weight.dtype not in REDUCED or not onednn_takes(x.dtype):
             return super().forward(x)
         rows = x.numel() // x.shape[-1]
-        packed = packed_weight(self, rows, lambda: torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)) \
-            if self.weight.dtype in REDUCED else None
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight if packed is None else packed, self.bias, "none",
-                                                  [], "")
+        packed = packed_weight(self, rows, lambda: torch.ops.mkldnn._reorder_linear_weight(self.weight, rows))
+        if packed is None:
+            return super().forward(x)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
 
 def packed_weight(layer: nn.Module, inputs, pack) -> torch.Tensor | None:

@@ -50,10 +50,11 @@ def test_bf16_single_file_holds_the_cast_weights_and_loads_as_views_of_the_file(
     out = tmp_path / "sd1-bf16.safetensors"
     previous = os.umask(0o022)
     try:
-        code, _ = run(capsys, "convert", checkpoints / "sd1", out, "--dtype", "bf16")
+        code = main(["convert", str(checkpoints / "sd1"), str(out), "--dtype", "bf16"])
     finally:
         os.umask(previous)
-    assert code == 0 and capsys.readouterr().out == ""   # run() read it: the path printed went there
+    printed = capsys.readouterr()
+    assert code == 0 and printed.out == f"{out}\n" and printed.err == ""   # the path written, nothing else
     with safe_open(out, "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     assert out.stat().st_mode & 0o777 == 0o644            # as any file this process creates under umask 022
