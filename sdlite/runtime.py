@@ -5,9 +5,10 @@
 
 `running(module)` does for the block what the module kind needs:
   UNet            convolutions (and bf16 linear layers) on weights packed for oneDNN, other linear layers on
-                  oneDNN, bf16 attention in blocks (below); pages streamed
-  AutoencoderKL   inputs channels-last, linear layers on oneDNN, in bf16 or fp16 large blocks reused from malloc's
-                  heap (below); pages streamed
+                  oneDNN, GEGLU's gelu and product fused into its projections, attention in blocks (below); pages
+                  streamed
+  AutoencoderKL   inputs channels-last, linear layers on oneDNN, attention in blocks, in bf16 or fp16 large blocks
+                  reused from malloc's heap (below); pages streamed
   text encoder    linear layers on oneDNN; its pages released after the block (it runs twice, once per prompt:
                   streaming would read them back)
 Streaming (weights.py): each layer hands the pages of its memory-mapped weights back to the OS right after it has run,
@@ -22,16 +23,17 @@ UNet step at 256x256 went from 1.54 s to 1.06 s (its 184 linear layers from 725 
 PackedLinear, which in bf16 also packs its weight once, as PackedConv2d does (below), rather than oneDNN reordering it
 at every call: 0-25 % off each layer, a UNet step at 256x256 6 % faster (fp32: 12 %, but not kept, for memory).
 
-Attention in blocks (bf16). PyTorch's CPU flash-attention kernel computes its products with oneDNN's brgemm only
-where it can pack for AMX; elsewhere it calls the BLAS in fp32, even for bf16 inputs, and MKL's fp32 product on AMD is
-the slow one above: 54 % of the kernel's time (perf) at SD's 4096-token self-attention. BlockedAttention computes the
-same attention in blocks of 1M scores (256 queries x 4096 keys of one head; several heads at once where a head has
-fewer scores) with bf16 matrix products (oneDNN's), the block's scores staying in the cache: 148 against 321 ms per
-4096-token call, a 512x512 bf16 UNet step 3.1 s instead of 4.0 s. Grouping the heads of short sequences and of
-cross-attention (77 keys) into one block saves the per-call costs of many small products: 25 ms of a 256x256 step,
-60 ms of a 512x512 one. Its scores and probabilities are rounded to bf16 as diffusers' AttnProcessor rounds them: the
-UNet's output is 0.034 from the fp32 one against flash's 0.032. fp32 keeps the flash kernel (blocks are slower there:
-no faster fp32 product to use).
+Attention in blocks. PyTorch's CPU flash-attention kernel computes its products with oneDNN's brgemm only where it
+can pack for AMX; elsewhere it calls the BLAS in fp32, even for bf16 inputs, and MKL's fp32 product on AMD is the slow
+one above: 54 % of the kernel's time (perf) at SD's 4096-token self-attention. blocked_attention computes the same
+attention in blocks of 1M scores (256 queries x 4096 keys of one head; in bf16 several heads at once where a head has
+fewer scores), the block's scores staying in the cache, with oneDNN's products: bf16 matrix products (148 against
+321 ms per 4096-token call, a 512x512 bf16 UNet step 3.1 s instead of 4.0 s; grouping the heads of short sequences and
+of cross-attention (77 keys) saves the per-call costs of many small products: 25 ms of a 256x256 step, 60 ms of a
+512x512 one), and in fp32 inner products on each head's K and V^T (183 against 258 ms per 4096-token call, 1.09
+against 1.51 s of a 512x512 fp32 step's attention). bf16 scores and probabilities are rounded to bf16 as diffusers'
+AttnProcessor rounds them: the UNet's output is 0.034 from the fp32 one against flash's 0.032. The VAE's one-head
+attention at 512x512 (4096 tokens, 512 channels): 80 against 161 ms in fp32, 74 against 165 in bf16.
 
 Packed convolutions. On the CPU, PyTorch runs a convolution with oneDNN, which computes on weights in a blocked layout
 (ABcd16b16a for fp32: 16x16 tiles of output x input channels). F.conv2d reorders the weight from PyTorch's OIHW layout
@@ -68,8 +70,8 @@ import torch
 from torch import nn
 
 from .clip import CLIPTextModel
-from .unet import Attention, UNet
-from .vae import AutoencoderKL
+from .unet import GEGLU, Attention, UNet
+from .vae import AttentionBlock, AutoencoderKL
 from .weights import mapping, release, streaming
 
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise") and \
@@ -136,7 +138,7 @@ class PackedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             return super().forward(x)
-        packed = packed_weight(self, tuple(x.shape), lambda: torch.ops.mkldnn._reorder_convolution_weight(
+        packed = packed_weight(self, self.weight, tuple(x.shape), lambda: torch.ops.mkldnn._reorder_convolution_weight(
             self.weight, self.padding, self.stride, self.dilation, self.groups, list(x.shape)))
         if packed is None:
             return super().forward(x)
@@ -166,33 +168,70 @@ class PackedLinear(OneDNNLinear):
         if torch.is_grad_enabled() or self.weight.dtype not in REDUCED or not onednn_takes(x.dtype):
             return super().forward(x)
         rows = x.numel() // x.shape[-1]
-        packed = packed_weight(self, rows, lambda: torch.ops.mkldnn._reorder_linear_weight(self.weight, rows))
+        packed = packed_weight(self, self.weight, rows, lambda: torch.ops.mkldnn._reorder_linear_weight(self.weight,
+                                                                                                         rows))
         if packed is None:
             return super().forward(x)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
 
-def packed_weight(layer: nn.Module, inputs, pack) -> torch.Tensor | None:
-    """`layer.packed`: pack(), made at the first call for these `inputs` (a shape, a row count) and kept; None for a
-    weight that is not a view of a mapped file, held in process memory, which a packed copy would add to."""
-    key = (weight_state(layer.weight), inputs)
+class FusedGEGLU(GEGLU):
+    """The UNet's GEGLU (same weights) that, when no gradient is wanted, runs as two oneDNN inner products with the
+    activation and the product fused into them: gate = gelu(x W_b^T + b_b), then (x W_a^T + b_a) * gate, W_a and W_b
+    the halves of its projection (in bf16 or fp16 packed, as PackedLinear's): no pass over the projection's output,
+    its halves or the gelu's. The feed-forward's first layer at 512x512: 73 -> 54 ms per call in fp32, 40 -> 17 in
+    bf16."""
+    packed: tuple[torch.Tensor, torch.Tensor] | None = None
+    packed_for: tuple | None = None  # ((address, version) of the weight, rows of the input)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.proj.weight, self.proj.bias
+        if torch.is_grad_enabled() or not onednn_takes(x.dtype):
+            return super().forward(x)
+        half = weight.shape[0] // 2
+        a, b = weight[:half], weight[half:]
+        if weight.dtype in REDUCED:
+            rows = x.numel() // x.shape[-1]
+            a, b = packed_weight(self, weight, rows, lambda: tuple(
+                torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in (a, b))) or (a, b)
+        gate = torch.ops.mkldnn._linear_pointwise(x, b, bias[half:], "gelu", [], "none")  # erf's gelu, as F.gelu's
+        return torch.ops.mkldnn._linear_pointwise.binary(x, gate, a, bias[:half], "mul")
+
+
+def packed_weight(layer: nn.Module, weight: torch.Tensor, inputs, pack):
+    """`layer.packed`: pack() of `weight`, made at the first call for these `inputs` (a shape, a row count) and kept;
+    None for a weight that is not a view of a mapped file, held in process memory, which a packed copy would add to."""
+    key = (weight_state(weight), inputs)
     if layer.packed_for != key:
         layer.packed, layer.packed_for = None, key
-        if mapping(layer.weight) is not None and onednn_takes(layer.weight.dtype):
+        if mapping(weight) is not None and onednn_takes(weight.dtype):
             layer.packed = pack()
             release(layer)   # the copy is used from now on: the file's pages can go
     return layer.packed
 
 
 class BlockedAttention(Attention):
-    """The UNet's Attention (same weights) that, in bf16 with no gradient wanted, attends in blocks of SCORES scores
+    """The UNet's Attention (same weights) that, in fp32 or bf16 with no gradient wanted, attends in blocks
     (blocked_attention) instead of through PyTorch's flash kernel."""
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        if torch.is_grad_enabled() or x.dtype != torch.bfloat16 or self.upcast:
-            return super().forward(x, context)
-        context = x if context is None else context
-        return self.to_out[0](blocked_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if in_blocks(q, self.upcast):
+            return blocked_attention(q, k, v, self.heads)
+        return super().attend(q, k, v)
+
+
+class BlockedAttentionBlock(AttentionBlock):
+    """The VAE's one-head AttentionBlock (same weights) that attends in blocks, as BlockedAttention."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if in_blocks(q, upcast=False):
+            return blocked_attention(q, k, v, heads=1)
+        return super().attend(q, k, v)
+
+
+def in_blocks(q: torch.Tensor, upcast: bool) -> bool:
+    """Whether blocked_attention computes this attention: no gradient wanted, fp32, or bf16 not upcast to fp32."""
+    return not torch.is_grad_enabled() and (q.dtype == torch.float32 or q.dtype == torch.bfloat16 and not upcast)
 
 
 SCORES = 256 * 4096   # scores per block: 2 MB in bf16 (256 queries x 4096 keys of one head at 512x512)
@@ -200,10 +239,12 @@ SCORES = 256 * 4096   # scores per block: 2 MB in bf16 (256 queries x 4096 keys 
 
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017, eq. 1), as attention.attention, in blocks of about SCORES
-    scores: as many queries of one (image, head) pair as fit, or as many whole pairs as fit when a pair has fewer
-    (short sequences, the 77 keys of cross-attention). Each block is a matrix product, a softmax and another product,
-    oneDNN calls on scores that stay in the cache. Scores and probabilities are rounded to bf16, as in diffusers'
-    AttnProcessor (baddbmm, softmax, bmm in the model's dtype), where PyTorch's flash kernel keeps them in fp32."""
+    scores: as many queries of one (image, head) pair as fit, or in bf16 as many whole pairs as fit when a pair has
+    fewer (short sequences, the 77 keys of cross-attention). Each block is a matrix product, a softmax and another
+    product, oneDNN calls on scores that stay in the cache: in bf16 torch.bmm (oneDNN's matmul); in fp32, where bmm
+    calls MKL (slow on AMD CPUs, as F.linear), oneDNN's inner product on K and V^T packed once per pair. bf16 scores
+    and probabilities are rounded to bf16, as in diffusers' AttnProcessor (baddbmm, softmax, bmm in the model's
+    dtype), where PyTorch's flash kernel keeps them in fp32."""
     b, n, c = q.shape
     d, m = c // heads, k.shape[1]
     q = (q * d**-0.5).reshape(b, n, heads, d).transpose(1, 2).reshape(b * heads, n, d)   # (B * heads, N, d)
@@ -211,11 +252,20 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     v = v.reshape(b, m, heads, d).transpose(1, 2).reshape(b * heads, m, d)               # (B * heads, M, d)
     out = torch.empty_like(q)
     rows = min(n, max(1, SCORES // m))         # queries per block
-    pairs = max(1, SCORES // (rows * m))       # (image, head) pairs per block: more than 1 only when rows == n
+    fp32 = q.dtype == torch.float32
+    pairs = 1 if fp32 else max(1, SCORES // (rows * m))  # (image, head) pairs per block: > 1 only when rows == n
     for p in range(0, b * heads, pairs):
+        if fp32:   # x K^T and x V as inner products x W^T: W = K (M, d) and V^T (d, M), packed if used again
+            wk, wv = (w.t().contiguous() for w in (kt[p], v[p]))
+            if rows < n:
+                wk, wv = (torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in (wk, wv))
         for r in range(0, n, rows):
-            torch.bmm(torch.bmm(q[p:p + pairs, r:r + rows], kt[p:p + pairs]).softmax(-1), v[p:p + pairs],
-                      out=out[p:p + pairs, r:r + rows])
+            if fp32:
+                scores = torch.ops.mkldnn._linear_pointwise(q[p, r:r + rows], wk, None, "none", [], "")
+                out[p, r:r + rows] = torch.ops.mkldnn._linear_pointwise(scores.softmax(-1), wv, None, "none", [], "")
+            else:
+                torch.bmm(torch.bmm(q[p:p + pairs, r:r + rows], kt[p:p + pairs]).softmax(-1), v[p:p + pairs],
+                          out=out[p:p + pairs, r:r + rows])
     return out.reshape(b, heads, n, d).transpose(1, 2).reshape(b, n, c)
 
 
@@ -238,10 +288,13 @@ def weight_state(weight: torch.Tensor) -> tuple[int, int]:
     return weight.data_ptr(), weight._version
 
 
+BLOCKED = {Attention: BlockedAttention, AttentionBlock: BlockedAttentionBlock}   # plain -> in blocks
+
+
 def use_onednn(module: nn.Module, pack: bool = True, linears: bool = True) -> None:
     """Make `module`'s convolutions PackedConv2d and its linear layers PackedLinear (`pack`, the UNet), or its
-    linear layers OneDNNLinear (`linears`), and the UNet's attention layers BlockedAttention (`linears`), on the CPU
-    where oneDNN is available; else plain nn.Conv2d, nn.Linear and Attention again.
+    linear layers OneDNNLinear (`linears`), and its attention layers (the UNet's, the VAE's) attend in blocks
+    (`linears`), on the CPU where oneDNN is available; else plain nn.Conv2d, nn.Linear and attention layers again.
 
     Each layer stays the same object, only its class changes (none adds a parameter): what holds on to a layer
     (a merged LoRA's record of its original weight, streaming's hooks) keeps finding it."""
@@ -250,11 +303,14 @@ def use_onednn(module: nn.Module, pack: bool = True, linears: bool = True) -> No
         on_cpu = AVAILABLE and weights is not None and weights.device.type == "cpu"
         if type(layer) in (nn.Conv2d, PackedConv2d):
             layer.__class__ = PackedConv2d if pack and on_cpu else nn.Conv2d
-        elif type(layer) in (Attention, BlockedAttention):
-            layer.__class__ = BlockedAttention if linears and on_cpu else Attention
+        elif isinstance(layer, (Attention, AttentionBlock)):
+            plain = Attention if isinstance(layer, Attention) else AttentionBlock
+            layer.__class__ = BLOCKED[plain] if linears and on_cpu else plain
+        elif type(layer) in (GEGLU, FusedGEGLU):
+            layer.__class__ = FusedGEGLU if linears and on_cpu else GEGLU
         elif type(layer) in (nn.Linear, OneDNNLinear, PackedLinear):
             layer.__class__ = (PackedLinear if pack and linears and on_cpu else OneDNNLinear if linears and on_cpu
                                else nn.Linear)
-        if not isinstance(layer, (PackedConv2d, PackedLinear)):
+        if not isinstance(layer, (PackedConv2d, PackedLinear, FusedGEGLU)):
             layer.__dict__.pop("packed", None)      # a packed copy no longer used
             layer.__dict__.pop("packed_for", None)

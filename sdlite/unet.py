@@ -280,8 +280,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast)
-        return self.to_out[0](out)
+        return self.to_out[0](self.attend(self.to_q(x), self.to_k(context), self.to_v(context)))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) queries, (B, M, C) keys and values -> (B, N, C)."""
+        return attention(q, k, v, self.heads, upcast=self.upcast)
 
 
 class GEGLU(nn.Module):

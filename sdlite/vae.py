@@ -194,8 +194,12 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, h*w, C)
-        out = attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), heads=1)
+        out = self.attend(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
         return x + self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(B, h*w, C) queries, keys and values -> (B, h*w, C)."""
+        return attention(q, k, v, heads=1)
 
 
 class VAEDownsample(nn.Module):

@@ -13,8 +13,10 @@ from torch import nn
 
 from sdlite import runtime
 from sdlite.attention import attention
-from sdlite.unet import Attention, UNet, UNetConfig
+from sdlite.unet import GEGLU, Attention, UNet, UNetConfig
+from sdlite.vae import AttentionBlock, AutoencoderKL, VAEConfig
 from sdlite.weights import read_safetensors
+from tolerances import EPS32
 
 pytestmark = pytest.mark.skipif(not runtime.AVAILABLE, reason="this torch build has no oneDNN")
 
@@ -160,6 +162,36 @@ def test_linear_layers_back_to_plain_and_training_runs_f_linear():
         assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fused_geglu_computes_geglu_on_the_files_weights(tmp_path, dtype):
+    """a * gelu(b) as two oneDNN inner products with the gelu and the product fused in, on weights read from a file
+    (bf16: packed, as the UNet's; fp32: unpacked), for two row counts; GEGLU's own path again when asked."""
+    g = torch.Generator().manual_seed(3)
+    save_file({"proj.weight": (torch.randn(48, 40, generator=g) / 10).to(dtype),
+               "proj.bias": torch.randn(48, generator=g).to(dtype)}, tmp_path / "geglu.safetensors")
+    with torch.device("meta"):
+        geglu = GEGLU(40, 24)
+    geglu.load_state_dict(read_safetensors(tmp_path / "geglu.safetensors", dtype), assign=True)
+    runtime.use_onednn(geglu.requires_grad_(False))
+    assert type(geglu) is runtime.FusedGEGLU
+    w, bias = geglu.proj.weight.double(), geglu.proj.bias.double()
+    for x in torch.randn(2, 77, 40, generator=g).to(dtype), torch.randn(3, 40, generator=g).to(dtype):
+        with torch.no_grad():
+            out = geglu(x)
+        assert (geglu.packed is not None) == (dtype == torch.bfloat16)
+        a, b = F.linear(x.double(), w, bias).chunk(2, -1)
+        gate = F.gelu(b)
+        # each projection: 40 products and the bias summed in float32, 41 roundings of the sum of magnitudes at
+        # most; gelu's slope is at most 1.13; u: the gelu's polynomial and rounding (a few float32 ulps) or, in bf16,
+        # the gate's and the output's rounding to bf16
+        e_a, e_b = (41 * 2**-24 * (x.double().abs() @ w.abs().T + bias.abs())).chunk(2, -1)
+        u = 2**-8 if dtype == torch.bfloat16 else 8 * 2**-24
+        limit = a.abs() * (1.13 * e_b + u * gate.abs()) + (gate.abs() + 1.13 * e_b) * e_a + u * (a * gate).abs()
+        assert out.shape == a.shape and out.dtype == dtype and ((out.double() - a * gate).abs() <= limit).all()
+    runtime.use_onednn(geglu, linears=False)
+    assert type(geglu) is GEGLU and "packed" not in vars(geglu)
+
+
 class RecordingLibc:
     """Stands for glibc: records mallopt's settings and malloc_trim's calls."""
     def __init__(self):
@@ -187,37 +219,46 @@ def test_heap_reuse_sets_malloc_within_the_block_and_restores_glibcs_defaults_af
     assert libc.settings == {runtime.M_MMAP_MAX: 65536, runtime.M_TRIM_THRESHOLD: 128 * 1024} and libc.trims == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n, m, heads, scores", [
-    (300, 300, 5, 2**20),        # all 10 (image, head) pairs in one block
-    (300, 300, 5, 7 * 300),      # 7 queries a block: the last block of each pair has 6
+    (300, 300, 5, 2**20),        # all 10 (image, head) pairs in one block (bf16; fp32: a pair a block)
+    (300, 300, 5, 7 * 300),      # 7 queries a block: the last block of each pair has 6 (fp32: K, V^T packed)
     (300, 77, 5, 3 * 300 * 77),  # 3 whole pairs a block: the last block has 1
     (9, 13, 1, 2**20)])
-def test_blocked_attention_computes_attention_in_bf16(monkeypatch, n, m, heads, scores):
+def test_blocked_attention_computes_attention(monkeypatch, n, m, heads, scores, dtype):
     """Blocks of SCORES scores cut across queries and across (image, head) pairs, self- and cross-attention, batch 2:
-    the attention of attention.py computed in fp64 on the same bf16 inputs, to the bf16 rounding of the scores and
-    probabilities."""
+    the attention of attention.py computed in fp64 on the same inputs, to the rounding of the dtype."""
     monkeypatch.setattr(runtime, "SCORES", scores)
     g = torch.Generator().manual_seed(n + m)
-    q, k, v = (torch.randn(2, length, 8 * heads, generator=g).bfloat16() for length in (n, m, m))
+    q, k, v = (torch.randn(2, length, 8 * heads, generator=g).to(dtype) for length in (n, m, m))
     out = runtime.blocked_attention(q, k, v, heads)
     exact = attention(q.double(), k.double(), v.double(), heads)
     d = 8
-    scores = torch.einsum("bnhd,bmhd->bhnm", *(t.double().reshape(2, -1, heads, d) for t in (q, k))) * d**-0.5
-    # q / sqrt(d), each score and each probability rounded to bf16 (relative 2^-8 each): a score s off by |s| 2^-8
-    # (and the scaling's rounding) changes its weight by that much relative, the probability's rounding adds 2^-8,
-    # and the output's rounding another 2^-8 of |out|: all against the largest |v|
-    limit = (2 * scores.abs().max() + 3) * 2**-8 * v.double().abs().max()
-    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    q64, k64 = (t.double().reshape(2, -1, heads, d) for t in (q, k))
+    scores = torch.einsum("bnhd,bmhd->bhnm", q64, k64) * d**-0.5
+    terms = torch.einsum("bnhd,bmhd->bhnm", q64.abs(), k64.abs()) * d**-0.5
+    u = 2**-8 if dtype == torch.bfloat16 else EPS32     # one rounding to the dtype (bf16 keeps 8 bits)
+    # each score: a d-term dot product summed in fp32 (off by (d + 1) eps32 of its terms' sizes), and the scaling of q
+    # and the score itself rounded to the dtype (u |s| each); a score off by e changes its probability by e relative,
+    # twice over with the normalising sum; the probability's rounding (u), the product's M-term fp32 sum (M eps32)
+    # and the output's rounding (u) add: all against the largest |v|
+    score_error = (d + 1) * EPS32 * terms.abs().max() + 2 * u * scores.abs().max()
+    limit = (2 * score_error + 2 * u + m * EPS32) * v.double().abs().max()
+    assert out.shape == q.shape and out.dtype == dtype
     assert (out.double() - exact).abs().max() <= limit
 
 
-def test_running_a_unet_swaps_its_attention_and_back():
+def test_running_a_unet_or_a_vae_swaps_its_attention_and_back():
     config = UNetConfig.from_json(json.loads((Path(__file__).parent / "fixtures" / "unet_sd1.json").read_text()))
     unet = UNet(config)
-    with runtime.running(unet):
-        assert all(type(m) is runtime.BlockedAttention for m in unet.modules() if isinstance(m, Attention))
-    with runtime.running(unet, onednn=False):
-        assert all(type(m) is Attention for m in unet.modules() if isinstance(m, Attention))
+    vae = AutoencoderKL(VAEConfig.from_json(json.loads((Path(__file__).parent / "fixtures" / "vae_config.json")
+                                                       .read_text())))
+    for model, plain, blocked in (unet, Attention, runtime.BlockedAttention), \
+            (vae, AttentionBlock, runtime.BlockedAttentionBlock):
+        with runtime.running(model):
+            assert {type(m) for m in model.modules() if isinstance(m, plain)} == {blocked}
+        with runtime.running(model, onednn=False):
+            assert {type(m) for m in model.modules() if isinstance(m, plain)} == {plain}
     with torch.device("meta"):                           # weights off the CPU (as on a GPU): nothing swapped
         elsewhere = UNet(config)
     runtime.use_onednn(elsewhere)

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from sdlite import UserError, checkpoint, runtime
 from sdlite.formats import diffusers
 from sdlite.formats.ldm import unet_from_ldm, unet_to_ldm
-from sdlite.unet import UNET_IMPLEMENTED, UNET_REFUSED, UNet, UNetConfig
+from sdlite.unet import Attention, UNET_IMPLEMENTED, UNET_REFUSED, UNet, UNetConfig
 from sdlite.weights import read_safetensors
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -80,8 +80,8 @@ def test_from_single_file_layout(ldm_case):
 
 @pytest.mark.skipif(not runtime.AVAILABLE, reason="this torch build has no oneDNN")
 def test_onednn_layers_match_the_reference(case, tmp_path):
-    """The pipeline's fast path: weights read from a file, convolutions packed for oneDNN and linear layers as its
-    inner product give the reference's outputs too."""
+    """The pipeline's fast path: weights read from a file, convolutions packed for oneDNN, linear layers as its
+    inner product and attention in blocks give the reference's outputs too."""
     save_file(case.diffusers_weights(), tmp_path / "unet.safetensors")
     unet = UNet(UNetConfig.from_json(case.config_json))
     unet.load_state_dict(read_safetensors(tmp_path / "unet.safetensors", torch.float32), strict=True, assign=True)
@@ -91,6 +91,7 @@ def test_onednn_layers_match_the_reference(case, tmp_path):
     assert all(isinstance(m, runtime.PackedConv2d) and m.packed is not None for m in convs)
     linears = [m for m in unet.modules() if isinstance(m, torch.nn.Linear)]
     assert all(type(m) is runtime.PackedLinear and m.packed is None for m in linears)   # fp32: unpacked (memory)
+    assert all(type(m) is runtime.BlockedAttention for m in unet.modules() if isinstance(m, Attention))
 
 
 def test_single_file_config_inferred_from_shapes_equals_config_json(ldm_case):
