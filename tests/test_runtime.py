@@ -14,8 +14,9 @@ from torch import nn
 from sdlite import runtime
 from sdlite.attention import attention
 from sdlite.unet import GEGLU, Attention, UNet, UNetConfig
-from sdlite.vae import AttentionBlock, AutoencoderKL, VAEConfig
-from sdlite.weights import read_safetensors
+from sdlite.vae import AttentionBlock, AutoencoderKL, VAEConfig, VAEResnetBlock
+from sdlite.weights import read_safetensors, release, streaming
+from test_weights import MB, resident_file_pages
 from tolerances import EPS32
 
 pytestmark = pytest.mark.skipif(not runtime.AVAILABLE, reason="this torch build has no oneDNN")
@@ -190,6 +191,44 @@ def test_a_fused_geglu_computes_geglu_on_the_files_weights(tmp_path, dtype):
         assert out.shape == a.shape and out.dtype == dtype and ((out.double() - a * gate).abs() <= limit).all()
     runtime.use_onednn(geglu, linears=False)
     assert type(geglu) is GEGLU and "packed" not in vars(geglu)
+
+
+def test_a_fused_geglu_streams_its_weights_as_a_layer_does(tmp_path):
+    """Its fast path does not call its projection's forward, where streaming releases a layer's pages: it releases
+    them itself (fp32: unpacked, the file's pages in use)."""
+    g = torch.Generator().manual_seed(4)
+    save_file({"proj.weight": torch.randn(8192, 1024, generator=g), "proj.bias": torch.zeros(8192)},
+              tmp_path / "geglu.safetensors")    # 32 MB
+    with torch.device("meta"):
+        geglu = GEGLU(1024, 4096)
+    geglu.load_state_dict(read_safetensors(tmp_path / "geglu.safetensors", torch.float32), assign=True)
+    runtime.use_onednn(geglu.requires_grad_(False))
+    x = torch.randn(2, 1024, generator=g)
+    with torch.no_grad():
+        geglu(x)                  # the first call also brings in the pages of oneDNN's code: not measured
+        release(geglu.proj)
+        before = resident_file_pages()
+        with streaming(geglu):
+            geglu(x)
+    assert type(geglu) is runtime.FusedGEGLU and resident_file_pages() - before < 2 * MB
+
+
+def test_an_in_place_resnet_computes_the_resnet_and_leaves_its_input_alone():
+    """SiLU and the skip's sum in place, on the tensors the block made: its input unchanged, its output the plain
+    resnet's (the same operations on the same numbers); with a gradient wanted, the plain path."""
+    torch.manual_seed(5)
+    block = VAEResnetBlock(32, 48, 8, "silu")
+    x = torch.randn(2, 32, 9, 11)
+    with torch.no_grad():
+        expected, given = block(x), x.clone()
+        runtime.use_onednn(block, pack=False)
+        assert type(block) is runtime.InPlaceResnetBlock
+        out = block(x)
+    assert torch.equal(x, given) and torch.equal(out, expected)
+    block(x).sum().backward()
+    assert block.conv1.weight.grad is not None
+    runtime.use_onednn(block, linears=False)
+    assert type(block) is VAEResnetBlock
 
 
 class RecordingLibc:
