@@ -264,15 +264,16 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     dtype), where PyTorch's flash kernel keeps them in fp32."""
     b, n, c = q.shape
     d, m = c // heads, k.shape[1]
+    dv = -(-d // 16) * 16      # V's columns, zero-padded to a multiple of 16, the width oneDNN's kernels work in
     q = (q * d**-0.5).reshape(b, n, heads, d).transpose(1, 2).reshape(b * heads, n, d)   # (B * heads, N, d)
     kt = k.reshape(b, m, heads, d).permute(0, 2, 3, 1).reshape(b * heads, d, m)          # (B * heads, d, M)
-    v = v.reshape(b, m, heads, d).transpose(1, 2).reshape(b * heads, m, d)               # (B * heads, M, d)
-    out = torch.empty_like(q)
+    v = F.pad(v.reshape(b, m, heads, d), (0, dv - d)).transpose(1, 2).reshape(b * heads, m, dv)  # (B * heads, M, dv)
+    out = q.new_empty(b * heads, n, dv)
     rows = min(n, max(1, SCORES // m))         # queries per block
     fp32 = q.dtype == torch.float32
     pairs = 1 if fp32 else max(1, SCORES // (rows * m))  # (image, head) pairs per block: > 1 only when rows == n
     for p in range(0, b * heads, pairs):
-        if fp32:   # x K^T and x V as inner products x W^T: W = K (M, d) and V^T (d, M), packed if used again
+        if fp32:   # x K^T and x V as inner products x W^T: W = K (M, d) and V^T (dv, M), packed if used again
             wk, wv = (w.t().contiguous() for w in (kt[p], v[p]))
             if rows < n:
                 wk, wv = (torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in (wk, wv))
@@ -283,7 +284,7 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
             else:
                 torch.bmm(torch.bmm(q[p:p + pairs, r:r + rows], kt[p:p + pairs]).softmax(-1), v[p:p + pairs],
                           out=out[p:p + pairs, r:r + rows])
-    return out.reshape(b, heads, n, d).transpose(1, 2).reshape(b, n, c)
+    return out[..., :d].reshape(b, heads, n, d).transpose(1, 2).reshape(b, n, c)
 
 
 REDUCED = (torch.bfloat16, torch.float16)
