@@ -193,9 +193,9 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, h*w, C)
+        tokens = self.group_norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, h*w, C): a view if channels-last
         out = self.attend(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
-        return x + self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
+        return x + self.to_out[0](out).reshape(b, h, w, c).permute(0, 3, 1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(B, h*w, C) queries, keys and values -> (B, h*w, C)."""
