@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import sdlite  # noqa: E402
-from sdlite.runtime import PackedConv2d, use_onednn  # noqa: E402
+from sdlite.runtime import PackedConv2d, running, use_onednn  # noqa: E402
 from checkpoints import FAMILIES, folder, single_file  # noqa: E402
 from report import machine, table, write_section  # noqa: E402
 
@@ -69,6 +69,8 @@ def reference_outputs(family: str, dtype: torch.dtype,
                "VAE encode (log-variance)": posterior.logvar,
                "VAE decode": pipe.vae.decode(x["z"]).sample}
     out["UNet (packed, as in the loop)"] = out["UNet"]
+    out["VAE encode (mean), as in the pipeline"] = out["VAE encode (mean)"]
+    out["VAE decode, as in the pipeline"] = out["VAE decode"]
     if channels_last:
         return out
     c = TXT2IMG
@@ -92,6 +94,9 @@ def sdlite_outputs(path: Path, family: str, dtype: torch.dtype,
                "VAE encode (mean)": posterior.mean,
                "VAE encode (log-variance)": posterior.logvar,
                "VAE decode": pipe.vae.decode(x["z"])}
+        with running(pipe.vae):  # channels-last, attention in blocks, resnets in place, heap reuse in bf16
+            out["VAE encode (mean), as in the pipeline"] = pipe.vae.encode(x["image"]).mean
+            out["VAE decode, as in the pipeline"] = pipe.vae.decode(x["z"])
         use_onednn(pipe.unet)   # each convolution packs its weight at its first call, if it is a view
         packed = pipe.unet(x["latents"], TIMESTEP, x["context"])
         if any(m.packed is not None for m in pipe.unet.modules() if isinstance(m, PackedConv2d)):
@@ -152,7 +157,9 @@ def main() -> None:
             f"{TXT2IMG['guidance_scale']}, each checkpoint's scheduler (PNDM for SD 1.5, DDIM v-prediction for "
             f"SD 2.1). Errors are against the reference in the same dtype. \"UNet (packed, as in the loop)\": "
             f"sdlite's UNet with its convolution weights packed for oneDNN, as its sampling loop runs it (fp32: the "
-            f"weights are views of the file). Last column, for scale: how far the reference is from itself, in fp32 "
+            f"weights are views of the file). \"as in the pipeline\": sdlite's VAE within runtime.running, as "
+            f"the pipeline runs it (channels-last, attention in blocks, its resnets' SiLU and sums in place). "
+            f"Last column, for scale: how far the reference is from itself, in fp32 "
             f"with its modules and inputs in channels-last memory (float rounding), in bf16 from its own fp32. "
             f"Took {(time.perf_counter() - start) / 60:.0f} minutes.\n\n"
             + table(header, rows))

@@ -267,7 +267,8 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     dv = -(-d // 16) * 16      # V's columns, zero-padded to a multiple of 16, the width oneDNN's kernels work in
     q = (q * d**-0.5).reshape(b, n, heads, d).transpose(1, 2).reshape(b * heads, n, d)   # (B * heads, N, d)
     kt = k.reshape(b, m, heads, d).permute(0, 2, 3, 1).reshape(b * heads, d, m).contiguous()  # (B * heads, d, M)
-    v = F.pad(v.reshape(b, m, heads, d), (0, dv - d)).transpose(1, 2).reshape(b * heads, m, dv)  # (B * heads, M, dv)
+    v = v.reshape(b, m, heads, d).transpose(1, 2)                                       # (B, heads, M, d)
+    v = (F.pad(v, (0, dv - d)) if dv > d else v).reshape(b * heads, m, dv)              # (B * heads, M, dv)
     out = q.new_empty(b * heads, n, dv)
     rows = min(n, max(1, SCORES // m))         # queries per block
     fp32 = q.dtype == torch.float32
