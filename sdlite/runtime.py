@@ -33,7 +33,7 @@ of cross-attention (77 keys) saves the per-call costs of many small products: 25
 512x512 one), and in fp32 inner products on each head's K and V^T (183 against 258 ms per 4096-token call, 1.09
 against 1.51 s of a 512x512 fp32 step's attention). bf16 scores and probabilities are rounded to bf16 as diffusers'
 AttnProcessor rounds them: the UNet's output is 0.034 from the fp32 one against flash's 0.032. The VAE's one-head
-attention at 512x512 (4096 tokens, 512 channels): 80 against 161 ms in fp32, 74 against 165 in bf16.
+attention at 512x512 (4096 tokens, 512 channels): 106 against 188 ms in fp32, 49 against 180 in bf16.
 
 Packed convolutions. On the CPU, PyTorch runs a convolution with oneDNN, which computes on weights in a blocked layout
 (ABcd16b16a for fp32: 16x16 tiles of output x input channels). F.conv2d reorders the weight from PyTorch's OIHW layout
