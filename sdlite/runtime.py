@@ -307,9 +307,6 @@ def weight_state(weight: torch.Tensor) -> tuple[int, int]:
     return weight.data_ptr(), weight._version
 
 
-BLOCKED = {Attention: BlockedAttention, AttentionBlock: BlockedAttentionBlock}   # plain -> in blocks
-
-
 def use_onednn(module: nn.Module, pack: bool = True, linears: bool = True) -> None:
     """Make `module`'s convolutions PackedConv2d and its linear layers PackedLinear (`pack`, the UNet), or its
     linear layers OneDNNLinear (`linears`), its attention layers (the UNet's, the VAE's) attend in blocks, GEGLU
@@ -323,9 +320,10 @@ def use_onednn(module: nn.Module, pack: bool = True, linears: bool = True) -> No
         on_cpu = AVAILABLE and weights is not None and weights.device.type == "cpu"
         if type(layer) in (nn.Conv2d, PackedConv2d):
             layer.__class__ = PackedConv2d if pack and on_cpu else nn.Conv2d
-        elif isinstance(layer, (Attention, AttentionBlock)):
-            plain = Attention if isinstance(layer, Attention) else AttentionBlock
-            layer.__class__ = BLOCKED[plain] if linears and on_cpu else plain
+        elif type(layer) in (Attention, BlockedAttention):
+            layer.__class__ = BlockedAttention if linears and on_cpu else Attention
+        elif type(layer) in (AttentionBlock, BlockedAttentionBlock):
+            layer.__class__ = BlockedAttentionBlock if linears and on_cpu else AttentionBlock
         elif type(layer) in (VAEResnetBlock, InPlaceResnetBlock):
             layer.__class__ = InPlaceResnetBlock if linears else VAEResnetBlock
         elif type(layer) in (GEGLU, FusedGEGLU):
