@@ -35,8 +35,8 @@ against 1.51 s of a 512x512 fp32 step's attention). The softmax is folded into t
 scores, the sums from a column of ones in V's padding, one division at the end): 20-30 % off a 4096-token bf16
 layer's attention, a 512x512 bf16 step 7 % faster. bf16 scores and probabilities are rounded to bf16 as diffusers'
 AttnProcessor rounds them: the UNet's output is 0.034 from the fp32 one against flash's 0.032 (0.044 against the
-separate softmax's 0.042 on other inputs). The VAE's one-head
-attention at 512x512 (4096 tokens, 512 channels): 106 against 188 ms in fp32, 49 against 180 in bf16.
+separate softmax's 0.042 on other inputs). The VAE's one-head attention at 512x512 (4096 tokens, 512 channels): 106
+against 188 ms in fp32, 49 against 180 in bf16.
 
 Packed convolutions. On the CPU, PyTorch runs a convolution with oneDNN, which computes on weights in a blocked layout
 (ABcd16b16a for fp32: 16x16 tiles of output x input channels). F.conv2d reorders the weight from PyTorch's OIHW layout
