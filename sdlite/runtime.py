@@ -268,10 +268,10 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     The softmax is not a pass of its own. With log2(e) / sqrt(d) folded into Q, each score s becomes
     e^s = 2^(s log2 e) in place (exp2: PyTorch's fp32 exp calls MKL's vector math, 4x slower than its own exp2 on an
     AMD CPU), and the output is sum_j e^s_j v_j / sum_j e^s_j: the product with V gives the numerators and, in a
-    column of ones where V's padding to a multiple of 16 has room (SD 1.5's 40-wide heads), the sums too. Without
-    each row's largest score subtracted first, e^s overflows for scores over 88, and the sums lose bits where all of a
-    row's scores are under about -40: the blocks of such rows are computed again with it subtracted (the softmax's own
-    shift, which the ratio cancels).
+    column of ones where V's padding to a multiple of 16 has room (SD 1.5's 40-wide heads), the sums too (else they
+    are summed apart, in fp32). Without each row's largest score subtracted first, e^s overflows for scores over 88,
+    and the sums lose bits where all of a row's scores are under about -40: the blocks of such rows are computed
+    again with it subtracted (the softmax's own shift, which the ratio cancels).
     bf16 scores and e^s are rounded to bf16, as diffusers' AttnProcessor rounds its scores and probabilities
     (baddbmm, softmax, bmm in the model's dtype), where PyTorch's flash kernel keeps them in fp32."""
     b, n, c = q.shape
@@ -284,7 +284,7 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
         v = torch.cat([v, v.new_ones(b, heads, m, 1), v.new_zeros(b, heads, m, dv - d - 1)], -1)
     v = v.reshape(b * heads, m, dv)                                                     # (B * heads, M, dv)
     out = q.new_empty(b * heads, n, dv)
-    sums = out[..., d] if dv > d else q.new_empty(b * heads, n)                         # (B * heads, N)
+    sums = out[..., d] if dv > d else q.new_empty(b * heads, n, dtype=torch.float32)    # (B * heads, N)
     rows = min(n, max(1, SCORES // m))         # queries per block
     fp32 = q.dtype == torch.float32
     pairs = 1 if fp32 else max(1, SCORES // (rows * m))  # (image, head) pairs per block: > 1 only when rows == n
@@ -297,19 +297,20 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
 
     def block(p: int, r: int, ws: list[torch.Tensor], shift: bool) -> None:
         """Block (pairs p.., queries r..): e^s in place of its scores, their products with V (and the sums)."""
+        at = slice(p, p + pairs), slice(r, r + rows)
         if fp32:
-            scores = torch.ops.mkldnn._linear_pointwise(q[p, r:r + rows], ws[0], None, "none", [], "")
+            scores = torch.ops.mkldnn._linear_pointwise(q[at], ws[0], None, "none", [], "")
         else:
-            scores = torch.bmm(q[p:p + pairs, r:r + rows], kt[p:p + pairs])
+            scores = torch.bmm(q[at], kt[p:p + pairs])
         if shift:
             scores.sub_(scores.amax(-1, keepdim=True))
         scores.exp2_()
         if dv == d:
-            torch.sum(scores, -1, out=sums[p, r:r + rows] if fp32 else sums[p:p + pairs, r:r + rows])
+            torch.sum(scores, -1, dtype=torch.float32, out=sums[at])
         if fp32:
-            out[p, r:r + rows] = torch.ops.mkldnn._linear_pointwise(scores, ws[1], None, "none", [], "")
+            out[at] = torch.ops.mkldnn._linear_pointwise(scores, ws[1], None, "none", [], "")
         else:
-            torch.bmm(scores, v[p:p + pairs], out=out[p:p + pairs, r:r + rows])
+            torch.bmm(scores, v[p:p + pairs], out=out[at])
 
     for p in range(0, b * heads, pairs):
         ws = weights(p) if fp32 else []
