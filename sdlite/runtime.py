@@ -256,14 +256,16 @@ def in_blocks(q: torch.Tensor, upcast: bool) -> bool:
 
 
 SCORES = 256 * 4096   # scores per block: 2 MB in bf16 (256 queries x 4096 keys of one head at 512x512)
+INNER = 2**17         # fp32 pairs with as many scores or more: products as oneDNN's inner products, not MKL's bmm
 
 
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017, eq. 1), as attention.attention, in blocks of about SCORES
     scores: as many queries of one (image, head) pair as fit, or in bf16 as many whole pairs as fit when a pair has
     fewer (short sequences, the 77 keys of cross-attention). Each block is a matrix product, an exponential and
-    another product, oneDNN calls on scores that stay in the cache: in bf16 torch.bmm (oneDNN's matmul); in fp32,
-    where bmm calls MKL (slow on AMD CPUs, as F.linear), oneDNN's inner product on K and V^T packed once per pair.
+    another product, on scores that stay in the cache: in bf16 torch.bmm (oneDNN's matmul); in fp32 where a pair has
+    INNER scores or more, oneDNN's inner product on K and V^T packed once per pair, since bmm calls MKL there (slow
+    on AMD CPUs, as F.linear; for fewer scores the inner products' per-call costs outweigh that: bmm, pairs grouped).
 
     The softmax is not a pass of its own. With log2(e) / sqrt(d) folded into Q, each score s becomes
     e^s = 2^(s log2 e) in place (exp2: PyTorch's fp32 exp calls MKL's vector math, 4x slower than its own exp2 on an
@@ -286,11 +288,11 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     out = q.new_empty(b * heads, n, dv)
     sums = out[..., d] if dv > d else q.new_empty(b * heads, n, dtype=torch.float32)    # (B * heads, N)
     rows = min(n, max(1, SCORES // m))         # queries per block
-    fp32 = q.dtype == torch.float32
-    pairs = 1 if fp32 else max(1, SCORES // (rows * m))  # (image, head) pairs per block: > 1 only when rows == n
+    inner = q.dtype == torch.float32 and n * m >= INNER
+    pairs = 1 if inner else max(1, SCORES // (rows * m))  # (image, head) pairs per block: > 1 only when rows == n
 
     def weights(p: int) -> list[torch.Tensor]:
-        """fp32: x K^T and x V as inner products x W^T, W = the pair's K (M, d) and V^T (dv, M), packed if used
+        """x K^T and x V as inner products x W^T, W = the pair's K (M, d) and V^T (dv, M), packed if used
         again."""
         ws = [w.t().contiguous() for w in (kt[p], v[p])]
         return [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in ws] if rows < n else ws
@@ -298,7 +300,7 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     def block(p: int, r: int, ws: list[torch.Tensor], shift: bool) -> None:
         """Block (pairs p.., queries r..): e^s in place of its scores, their products with V (and the sums)."""
         at = slice(p, p + pairs), slice(r, r + rows)
-        if fp32:
+        if inner:
             scores = torch.ops.mkldnn._linear_pointwise(q[at], ws[0], None, "none", [], "")
         else:
             scores = torch.bmm(q[at], kt[p:p + pairs])
@@ -307,13 +309,13 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
         scores.exp2_()
         if dv == d:
             torch.sum(scores, -1, dtype=torch.float32, out=sums[at])
-        if fp32:
+        if inner:
             out[at] = torch.ops.mkldnn._linear_pointwise(scores, ws[1], None, "none", [], "")
         else:
             torch.bmm(scores, v[p:p + pairs], out=out[at])
 
     for p in range(0, b * heads, pairs):
-        ws = weights(p) if fp32 else []
+        ws = weights(p) if inner else []
         for r in range(0, n, rows):
             block(p, r, ws, shift=False)
     # rows whose e^s underflowed (a sum under 2^-64; at or over it, a row's largest e^s is at least 2^-64 / M, far
@@ -326,7 +328,7 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
         for p in range(0, b * heads, pairs):
             for r in range(0, n, rows):
                 if wrong[p:p + pairs, r:r + rows].any():
-                    block(p, r, weights(p) if fp32 else [], shift=True)
+                    block(p, r, weights(p) if inner else [], shift=True)
     result = q.new_empty(b, n, heads, d)
     torch.div(out[..., :d].unflatten(0, (b, heads)), sums.unflatten(0, (b, heads))[..., None],
               out=result.transpose(1, 2))

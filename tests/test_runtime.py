@@ -283,17 +283,23 @@ def attention_error_limit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     return ((row_error + m * EPS32) * (weighted_v + out) + 3 * u * out).reshape(2, -1, heads * d)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+PATHS = {"fp32 inner products": (torch.float32, 0), "fp32 bmm": (torch.float32, 2**40), "bf16": (torch.bfloat16, 0)}
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n, m, heads, scores", [
     (300, 300, 5, 2**20),        # all 10 (image, head) pairs in one block (bf16; fp32: a pair a block)
     (300, 300, 5, 7 * 300),      # 7 queries a block: the last block of each pair has 6 (fp32: K, V^T packed)
     (300, 77, 5, 3 * 300 * 77),  # 3 whole pairs a block: the last block has 1
     (9, 13, 1, 2**20),
     (40, 50, 2, 2**20)])         # 16-wide heads: no padding, the sums computed apart
-def test_blocked_attention_computes_attention(monkeypatch, n, m, heads, scores, dtype):
-    """Blocks of SCORES scores cut across queries and across (image, head) pairs, self- and cross-attention, batch 2:
-    the attention of attention.py computed in fp64 on the same inputs, to the rounding of the dtype."""
+def test_blocked_attention_computes_attention(monkeypatch, n, m, heads, scores, path):
+    """Blocks of SCORES scores cut across queries and across (image, head) pairs, self- and cross-attention, batch 2,
+    fp32 products both ways: the attention of attention.py computed in fp64 on the same inputs, to the rounding of
+    the dtype."""
+    dtype, inner = PATHS[path]
     monkeypatch.setattr(runtime, "SCORES", scores)
+    monkeypatch.setattr(runtime, "INNER", inner)
     g = torch.Generator().manual_seed(n + m)
     width = 16 if n == 40 else 8
     q, k, v = (torch.randn(2, length, width * heads, generator=g).to(dtype) for length in (n, m, m))
@@ -303,15 +309,17 @@ def test_blocked_attention_computes_attention(monkeypatch, n, m, heads, scores, 
     assert ((out.double() - exact).abs() <= attention_error_limit(q, k, v, heads)).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_blocked_attention_shifts_the_rows_whose_exponentials_overflow_or_underflow(monkeypatch, dtype):
+@pytest.mark.parametrize("path", PATHS)
+def test_blocked_attention_shifts_the_rows_whose_exponentials_overflow_or_underflow(monkeypatch, path):
     """Keys near (1, ..., 1): queries of +-40 make all of a row's scores about +-113, whose e^s overflow (inf) or
     underflow (0) in fp32 and bf16, queries of 26 scores about 74, whose sums of e^s are finite and their products
     with values of 10^6 not, among ordinary rows, in blocks of 7 queries (row 24's alone in its block). fp32: the exact attention to the
     rounding, the shift's included. bf16 rounds such scores by about 0.4, beyond what a bound of first order
     covers, in diffusers' attention as here: what holds is that each output is a weighted mean of the values, to
     the rounding of the numerator, the sum and the division (3 u) and their fp32 sums (M eps32 each)."""
+    dtype, inner = PATHS[path]
     monkeypatch.setattr(runtime, "SCORES", 7 * 30)
+    monkeypatch.setattr(runtime, "INNER", inner)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 30, 16, generator=g)
     q[:, 3] = 40.0
