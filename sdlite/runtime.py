@@ -99,7 +99,7 @@ def running(module: nn.Module, onednn: bool = True):
         if isinstance(module, CLIPTextModel):
             stack.callback(release, module)
         else:
-            stack.enter_context(streaming(module))
+            stack.enter_context(streaming(module, skip=lambda layer: getattr(layer, "packed", None) is not None))
         yield
 
 
@@ -201,7 +201,8 @@ class FusedGEGLU(GEGLU):
                 torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in (a, b))) or (a, b)
         gate = torch.ops.mkldnn._linear_pointwise(x, b, bias[half:], "gelu", [], "none")  # erf's gelu, as F.gelu's
         out = torch.ops.mkldnn._linear_pointwise.binary(x, gate, a, bias[:half], "mul")
-        release(self)   # the mapped pages, as streaming does after each layer's forward: proj's forward is not called
+        if self.packed is None:
+            release(self)   # the mapped pages, as streaming does after each layer's forward: proj's is not called
         return out
 
 

@@ -80,13 +80,14 @@ def test_from_single_file_layout(ldm_case):
 
 @pytest.mark.skipif(not runtime.AVAILABLE, reason="this torch build has no oneDNN")
 def test_onednn_layers_match_the_reference(case, tmp_path):
-    """The pipeline's fast path: weights read from a file, convolutions packed for oneDNN, linear layers as its
-    inner product and attention in blocks give the reference's outputs too."""
+    """The pipeline's fast path (runtime.running, as the pipeline runs it): weights read from a file, convolutions
+    packed for oneDNN, linear layers as its inner product, attention in blocks, pages streamed, give the reference's
+    outputs too."""
     save_file(case.diffusers_weights(), tmp_path / "unet.safetensors")
     unet = UNet(UNetConfig.from_json(case.config_json))
     unet.load_state_dict(read_safetensors(tmp_path / "unet.safetensors", torch.float32), strict=True, assign=True)
-    runtime.use_onednn(unet)
-    assert_matches_reference(unet, case)
+    with runtime.running(unet):
+        assert_matches_reference(unet, case)
     convs = [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(isinstance(m, runtime.PackedConv2d) and m.packed is not None for m in convs)
     linears = [m for m in unet.modules() if isinstance(m, torch.nn.Linear)]

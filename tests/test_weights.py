@@ -1,4 +1,6 @@
 """Weights memory-mapped from safetensors files: read in place, and released between uses without changing."""
+import mmap
+
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -78,3 +80,34 @@ def test_streaming_releases_each_layer_after_it_runs(tmp_path):
     assert resident_file_pages() - before < 2 * MB
     assert torch.equal(out, expected)
     assert all(not layer._forward_hooks for layer in model)       # the hooks go with the block
+
+
+def test_streaming_leaves_the_layers_skip_names_and_the_small_ones_their_pages(tmp_path):
+    """Two 16 MB layers and a 4 KB norm from one file, the second layer named by skip (as a layer computing from a
+    packed copy is): after a forward inside `streaming`, only the first layer's pages are gone, and every layer's
+    output is its own (a hook's return value would replace it)."""
+    g = torch.Generator().manual_seed(0)
+    save_file({"0.weight": torch.randn(4096, 1024, generator=g), "1.weight": torch.randn(1024, 4096, generator=g),
+               "2.weight": torch.rand(1024, generator=g), "2.bias": torch.rand(1024, generator=g)},
+              tmp_path / "three.safetensors")
+    model = nn.Sequential(nn.Linear(1024, 4096, bias=False), nn.Linear(4096, 1024, bias=False),
+                          nn.LayerNorm(1024)).to("meta")
+    model.load_state_dict(read_safetensors(tmp_path / "three.safetensors", torch.float32), assign=True)
+    x = torch.randn(2, 1024)
+    expected = model(x)
+    release(model)
+    before = resident_file_pages()
+    with streaming(model, skip=lambda layer: layer is model[1]):
+        out = model(x)
+    assert 15 * MB < resident_file_pages() - before < 18 * MB     # the second layer's 16 MB and the norm's pages
+    assert torch.equal(out, expected)
+    assert mapping_resident(model[2].weight)
+
+
+def mapping_resident(tensor: torch.Tensor) -> bool:
+    """Whether the page that holds `tensor`'s first byte is in this process's memory (/proc/self/pagemap's present
+    bit)."""
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        page = tensor.data_ptr() // mmap.PAGESIZE
+        pagemap.seek(page * 8)
+        return bool(int.from_bytes(pagemap.read(8), "little") >> 63)
