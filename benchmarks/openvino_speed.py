@@ -294,11 +294,11 @@ def main() -> None:
 
 
 def onednn_worker() -> None:
-    """One sdlite bf16 UNet step at 256² (after a first, untimed one) under oneDNN's verbose mode and torch's
-    profiler; prints the verbose lines, then the step's time and the profiler's top operators."""
+    """One sdlite bf16 UNet step at 256² from the bf16 file (after a first, untimed one) under oneDNN's verbose mode
+    and torch's profiler; prints the verbose lines, then the step's time and the profiler's top operators."""
     import sdlite
     from sdlite import runtime
-    pipe = sdlite.load(SD1, dtype=torch.bfloat16)
+    pipe = sdlite.load(bf16_file(), dtype=torch.bfloat16)
     latents, t, context = inputs("unet", 256)
     step = lambda: pipe.unet(latents.bfloat16(), int(t), context.bfloat16())  # noqa: E731
     with torch.no_grad(), runtime.running(pipe.unet):
@@ -332,8 +332,8 @@ def onednn_summary() -> str:
                  f"{100 * (step - total) / step:.0f}%", "-"])
     profiler = out[out.index("STEP "):].split("\n", 1)[1]
     from report import table
-    return (f"sdlite, bf16, one guided UNet step at 256² under ONEDNN_VERBOSE ({step:.0f} ms with the verbose "
-            f"output on):\n\n" + table(["oneDNN primitive", "calls", "ms", "% of step", "implementations (ms)"], rows)
+    return (f"sdlite, bf16 from the bf16 file, one guided UNet step at 256² under ONEDNN_VERBOSE ({step:.0f} ms with "
+            f"the verbose output on):\n\n" + table(["oneDNN primitive", "calls", "ms", "% of step", "implementations (ms)"], rows)
             + f"\n\ntorch's profiler, the same step (top operators by self time):\n\n```\n{profiler.strip()}\n```")
 
 
