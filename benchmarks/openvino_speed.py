@@ -333,7 +333,8 @@ def onednn_summary() -> str:
     profiler = out[out.index("STEP "):].split("\n", 1)[1]
     from report import table
     return (f"sdlite, bf16 from the bf16 file, one guided UNet step at 256² under ONEDNN_VERBOSE ({step:.0f} ms with "
-            f"the verbose output on):\n\n" + table(["oneDNN primitive", "calls", "ms", "% of step", "implementations (ms)"], rows)
+            f"the verbose output on):\n\n"
+            + table(["oneDNN primitive", "calls", "ms", "% of step", "implementations (ms)"], rows)
             + f"\n\ntorch's profiler, the same step (top operators by self time):\n\n```\n{profiler.strip()}\n```")
 
 

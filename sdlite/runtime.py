@@ -262,18 +262,19 @@ INNER = 2**17         # fp32 pairs with as many scores or more: products as oneD
 
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017, eq. 1), as attention.attention, in blocks of about SCORES
-    scores: as many queries of one (image, head) pair as fit, or in bf16 as many whole pairs as fit when a pair has
-    fewer (short sequences, the 77 keys of cross-attention). Each block is a matrix product, an exponential and
-    another product, on scores that stay in the cache: in bf16 torch.bmm (oneDNN's matmul); in fp32 where a pair has
-    INNER scores or more, oneDNN's inner product on K and V^T packed once per pair, since bmm calls MKL there (slow
-    on AMD CPUs, as F.linear; for fewer scores the inner products' per-call costs outweigh that: bmm, pairs grouped).
+    scores: as many queries of one (image, head) pair as fit, or, where the products are torch.bmm's, as many whole
+    pairs as fit when a pair has fewer (short sequences, the 77 keys of cross-attention). Each block is a matrix
+    product, an exponential and another product, on scores that stay in the cache: in bf16 torch.bmm (oneDNN's
+    matmul); in fp32 where a pair has INNER scores or more, oneDNN's inner product on K and V^T packed once per pair,
+    since bmm calls MKL there (slow on AMD CPUs, as F.linear; for fewer scores the inner products' per-call costs
+    outweigh that: bmm, pairs grouped).
 
     The softmax is not a pass of its own. With log2(e) / sqrt(d) folded into Q, each score s becomes
     e^s = 2^(s log2 e) in place (exp2: PyTorch's fp32 exp calls MKL's vector math, 4x slower than its own exp2 on an
     AMD CPU), and the output is sum_j e^s_j v_j / sum_j e^s_j: the product with V gives the numerators and, in a
     column of ones where V's padding to a multiple of 16 has room (SD 1.5's 40-wide heads), the sums too (else they
     are summed apart, in fp32). Without each row's largest score subtracted first, e^s overflows for scores over 88,
-    and the sums lose bits where all of a row's scores are under about -40: the blocks of such rows are computed
+    and the sums lose bits where all of a row's scores are under about -44: the blocks of such rows are computed
     again with it subtracted (the softmax's own shift, which the ratio cancels).
     bf16 scores and e^s are rounded to bf16, as diffusers' AttnProcessor rounds its scores and probabilities
     (baddbmm, softmax, bmm in the model's dtype), where PyTorch's flash kernel keeps them in fp32."""

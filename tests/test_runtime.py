@@ -288,8 +288,8 @@ PATHS = {"fp32 inner products": (torch.float32, 0), "fp32 bmm": (torch.float32, 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n, m, heads, scores", [
-    (300, 300, 5, 2**20),        # all 10 (image, head) pairs in one block (bf16; fp32: a pair a block)
-    (300, 300, 5, 7 * 300),      # 7 queries a block: the last block of each pair has 6 (fp32: K, V^T packed)
+    (300, 300, 5, 2**20),        # all 10 (image, head) pairs in one block (inner products: a pair a block)
+    (300, 300, 5, 7 * 300),      # 7 queries a block: the last block of each pair has 6 (inner products: packed)
     (300, 77, 5, 3 * 300 * 77),  # 3 whole pairs a block: the last block has 1
     (9, 13, 1, 2**20),
     (40, 50, 2, 2**20)])         # 16-wide heads: no padding, the sums computed apart
@@ -313,10 +313,10 @@ def test_blocked_attention_computes_attention(monkeypatch, n, m, heads, scores, 
 def test_blocked_attention_shifts_the_rows_whose_exponentials_overflow_or_underflow(monkeypatch, path):
     """Keys near (1, ..., 1): queries of +-40 make all of a row's scores about +-113, whose e^s overflow (inf) or
     underflow (0) in fp32 and bf16, queries of 26 scores about 74, whose sums of e^s are finite and their products
-    with values of 10^6 not, among ordinary rows, in blocks of 7 queries (row 24's alone in its block). fp32: the exact attention to the
-    rounding, the shift's included. bf16 rounds such scores by about 0.4, beyond what a bound of first order
-    covers, in diffusers' attention as here: what holds is that each output is a weighted mean of the values, to
-    the rounding of the numerator, the sum and the division (3 u) and their fp32 sums (M eps32 each)."""
+    with values of 10^6 not, among ordinary rows, in blocks of 7 queries (row 24's alone in its block). fp32: the
+    exact attention to the rounding, the shift's included. bf16 rounds such scores by about 0.4, beyond what a bound
+    of first order covers, in diffusers' attention as here: what holds is that each output is a weighted mean of the
+    values, to the rounding of the numerator, the sum and the division (3 u) and their fp32 sums (M eps32 each)."""
     dtype, inner = PATHS[path]
     monkeypatch.setattr(runtime, "SCORES", 7 * 30)
     monkeypatch.setattr(runtime, "INNER", inner)
