@@ -11,8 +11,9 @@
                   place, in bf16 or fp16 large blocks reused from malloc's heap (below); pages streamed
   text encoder    linear layers on oneDNN; its pages released after the block (it runs twice, once per prompt:
                   streaming would read them back)
-Streaming (weights.py): each layer hands the pages of its memory-mapped weights back to the OS right after it has run,
-so that a call holds the weights of one layer at a time. running(module, onednn=False) keeps the layers plain
+Streaming (weights.py): each layer that reads its memory-mapped weights (not one that runs on a packed copy) hands
+their pages back to the OS right after it has run, so that a call holds the weights of one layer at a time (and the
+packed copies). running(module, onednn=False) keeps the layers plain
 nn.Conv2d and nn.Linear, whose fp32 results are bit-identical to diffusers'; the oneDNN paths agree with them to float
 rounding, not bit for bit (the sums run in another order). Measured in benchmarks/RESULTS.md ("Next to OpenVINO").
 
