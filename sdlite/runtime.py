@@ -27,8 +27,9 @@ at every call: 0-25 % off each layer, a UNet step at 256x256 6 % faster (fp32: 1
 Attention in blocks. PyTorch's CPU flash-attention kernel computes its products with oneDNN's brgemm only where it
 can pack for AMX; elsewhere it calls the BLAS in fp32, even for bf16 inputs, and MKL's fp32 product on AMD is the slow
 one above: 54 % of the kernel's time (perf) at SD's 4096-token self-attention. blocked_attention computes the same
-attention in blocks of 1M scores (256 queries x 4096 keys of one head; in bf16 several heads at once where a head has
-fewer scores), the block's scores staying in the cache, with oneDNN's products: bf16 matrix products (148 against
+attention in blocks of 2M scores (512 queries x 4096 keys of one head; several heads at once where a head has fewer
+scores; 1M until the softmax was folded into the products, after which 2M was 5 % faster), the block's scores staying
+in the cache, with oneDNN's products: bf16 matrix products (148 against
 321 ms per 4096-token call, a 512x512 bf16 UNet step 3.1 s instead of 4.0 s; grouping the heads of short sequences and
 of cross-attention (77 keys) saves the per-call costs of many small products: 25 ms of a 256x256 step, 60 ms of a
 512x512 one), and in fp32 inner products on each head's K and V^T (183 against 258 ms per 4096-token call, 1.09
@@ -257,7 +258,7 @@ def in_blocks(q: torch.Tensor, upcast: bool) -> bool:
     return not torch.is_grad_enabled() and (q.dtype == torch.float32 or q.dtype == torch.bfloat16 and not upcast)
 
 
-SCORES = 256 * 4096   # scores per block: 2 MB in bf16 (256 queries x 4096 keys of one head at 512x512)
+SCORES = 512 * 4096   # scores per block: 4 MB in bf16 (512 queries x 4096 keys of one head at 512x512)
 INNER = 2**17         # fp32 pairs with as many scores or more: products as oneDNN's inner products, not MKL's bmm
 
 
