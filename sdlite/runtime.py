@@ -101,7 +101,7 @@ def running(module: nn.Module, onednn: bool = True):
         if isinstance(module, CLIPTextModel):
             stack.callback(release, module)
         else:
-            stack.enter_context(streaming(module, skip=lambda layer: getattr(layer, "packed", None) is not None))
+            stack.enter_context(streaming(module, skip=runs_packed))
         yield
 
 
@@ -203,9 +203,15 @@ class FusedGEGLU(GEGLU):
                 torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in (a, b))) or (a, b)
         gate = torch.ops.mkldnn._linear_pointwise(x, b, bias[half:], "gelu", [], "none")  # erf's gelu, as F.gelu's
         out = torch.ops.mkldnn._linear_pointwise.binary(x, gate, a, bias[:half], "mul")
-        if self.packed is None:
+        if not runs_packed(self):
             release(self)   # the mapped pages, as streaming does after each layer's forward: proj's is not called
         return out
+
+
+def runs_packed(layer: nn.Module) -> bool:
+    """Whether `layer` computes from a packed copy of its weights, leaving the mapped file's pages untouched (none
+    to release after its calls)."""
+    return getattr(layer, "packed", None) is not None
 
 
 def packed_weight(layer: nn.Module, weight: torch.Tensor, inputs, pack):

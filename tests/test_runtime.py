@@ -287,13 +287,13 @@ PATHS = {"fp32 inner products": (torch.float32, 0), "fp32 bmm": (torch.float32, 
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("n, m, heads, scores", [
-    (300, 300, 5, 2**20),        # all 10 (image, head) pairs in one block (inner products: a pair a block)
-    (300, 300, 5, 7 * 300),      # 7 queries a block: the last block of each pair has 6 (inner products: packed)
-    (300, 77, 5, 3 * 300 * 77),  # 3 whole pairs a block: the last block has 1
-    (9, 13, 1, 2**20),
-    (40, 50, 2, 2**20)])         # 16-wide heads: no padding, the sums computed apart
-def test_blocked_attention_computes_attention(monkeypatch, n, m, heads, scores, path):
+@pytest.mark.parametrize("n, m, heads, d, scores", [
+    (300, 300, 5, 8, 2**20),        # all 10 (image, head) pairs in one block (inner products: a pair a block)
+    (300, 300, 5, 8, 7 * 300),      # 7 queries a block: the last block of each pair has 6 (inner products: packed)
+    (300, 77, 5, 8, 3 * 300 * 77),  # 3 whole pairs a block: the last block has 1
+    (9, 13, 1, 8, 2**20),
+    (40, 50, 2, 16, 2**20)])        # 16-wide heads: no padding, the sums computed apart
+def test_blocked_attention_computes_attention(monkeypatch, n, m, heads, d, scores, path):
     """Blocks of SCORES scores cut across queries and across (image, head) pairs, self- and cross-attention, batch 2,
     fp32 products both ways: the attention of attention.py computed in fp64 on the same inputs, to the rounding of
     the dtype."""
@@ -301,8 +301,7 @@ def test_blocked_attention_computes_attention(monkeypatch, n, m, heads, scores, 
     monkeypatch.setattr(runtime, "SCORES", scores)
     monkeypatch.setattr(runtime, "INNER", inner)
     g = torch.Generator().manual_seed(n + m)
-    width = 16 if n == 40 else 8
-    q, k, v = (torch.randn(2, length, width * heads, generator=g).to(dtype) for length in (n, m, m))
+    q, k, v = (torch.randn(2, length, d * heads, generator=g).to(dtype) for length in (n, m, m))
     out = runtime.blocked_attention(q, k, v, heads)
     exact = attention(q.double(), k.double(), v.double(), heads)
     assert out.shape == q.shape and out.dtype == dtype
