@@ -14,7 +14,7 @@ NOT_NUMERIC = {"test_cli.py", "test_bad_input.py", "test_weights.py", "test_trai
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "numeric: compares floats with a reference (run again by .ci/run on other "
-                                       "kernel paths: scalar, AVX2, AVX-512 without bf16, MKL_CBWR=COMPATIBLE)")
+                                       "kernel paths: SSE4, AVX2, AVX-512 without bf16, MKL_CBWR=COMPATIBLE)")
 
 
 def pytest_collection_modifyitems(items):
