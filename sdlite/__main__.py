@@ -21,6 +21,7 @@ if starting:
 import argparse
 import re
 import sysconfig
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     training = not argv or argv[0] not in GENERATION_COMMANDS   # the command comes first (only -h, --version before)
     try:
         args = parser(training).parse_args(argv)
-        args.run(args)
+        with warnings.catch_warnings():   # (their filters and display as they were, after)
+            warnings.showwarning = show_warning
+            if getattr(args, "quiet", False):
+                warnings.simplefilter("ignore")
+            args.run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -74,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning (sdlite's: a slow precision on this CPU) as one line on stderr, not Python's two with a file name."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -138,7 +148,7 @@ def parser(training: bool = True) -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, help="the noise seed (default: a random seed, written into the PNG)")
     sample.add_argument("--dtype", choices=DTYPES, default="fp32", help="precision of the weights and the computation")
     sample.add_argument("--device", default="cpu", help="torch device")
-    sample.add_argument("--quiet", action="store_true", help="no progress display")
+    sample.add_argument("--quiet", action="store_true", help="no progress display, no warnings")
     sample.add_argument("--out", type=Path, help="output PNG; with --batch-size N, NAME-0.png ... NAME-(N-1).png "
                                                  "(default: sample-SEED.png)")
     sample.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -209,7 +219,7 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="precision of the weights and the computation")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--quiet", action="store_true", help="no progress display, no warnings")
     p.add_argument("--vae-tiling", action="store_true",
                    help="encode and decode images larger than the model's own size in tiles: memory bounded by one "
                         "tile, with possible seams")

@@ -18,6 +18,7 @@ image as in diffusers. Each stage runs its network within `runtime.running` (run
 fast paths from outside the model: packed convolutions, channels-last memory, weights streamed from the mapped file.
 """
 import re
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -251,6 +252,8 @@ class Pipeline:
         depth-to-image of `image` (depth2img); each image carries its PNG parameters in info["parameters"].
         `on_step` sees each Step of the loop (previews: preview.py)."""
         self.check_inputs(mask is not None, depth)
+        if (slow := runtime.slow_precision(self.dtype, self.device)) is not None:
+            warnings.warn(slow, RuntimeWarning, stacklevel=3)   # (at the call of generate, past no_grad)
         for i, control in enumerate(request.controls):
             control.controlnet.check_fits(self.unet.config, f"ControlNet {i} ({control.controlnet.name})")
         original = None

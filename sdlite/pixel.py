@@ -8,13 +8,14 @@ seeded generator, then each step's noise; the scheduler config as the folder has
 the x_0 estimate to [-1, 1] as their configs say); images (x / 2 + 0.5) clamped to [0, 1], times 255, rounded.
 """
 import random
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from PIL import Image
 
-from . import samplers
+from . import runtime, samplers
 from .checkpoint import build, read_state_dict
 from .formats.diffusers import read_config, read_json, weights_file
 from .errors import UserError
@@ -126,6 +127,8 @@ class PixelPipeline:
         if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
             raise UserError(f"seed must be an integer from 0 to 2**64 - 1, not {seed}")
         sampler = self.build_sampler(name, eta)
+        if (slow := runtime.slow_precision(self.dtype, self.device)) is not None:
+            warnings.warn(slow, RuntimeWarning, stacklevel=3)   # (at the call of sample, past no_grad)
         trained = sampler.cfg.num_train_timesteps - sampler.cfg.steps_offset
         if not 1 <= steps <= trained:
             raise UserError(f"steps must be between 1 and {trained} (the model's training timesteps), not {steps}")

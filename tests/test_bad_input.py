@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import sdlite
-from sdlite import UserError
+from sdlite import UserError, runtime
 from sdlite.__main__ import main
 from sdlite.checkpoint import load
 from sdlite.weights import read_safetensors
@@ -275,13 +275,20 @@ def test_non_finite_values_stop_the_run_with_the_step(capsys, tmp_path):
         pipe.txt2img("a red circle", steps=2)
 
 
-def test_fp16_runs_where_onednn_cannot_pack_it(tmp_path):
+def test_fp16_runs_where_onednn_cannot_pack_it_and_says_it_is_slow(tmp_path, capsys, monkeypatch):
     """oneDNN packs fp16 convolution weights only on CPUs with AVX-512 FP16 or AVX-NE-CONVERT; elsewhere the UNet
-    falls back to the plain convolution instead of failing (this machine's case when it lacks both)."""
+    falls back to the plain convolution instead of failing (this machine's case when it lacks both; made so here on
+    any CPU), with one warning line naming the slow precision (none with --quiet)."""
+    computes = runtime.onednn_takes
+    monkeypatch.setattr(runtime, "onednn_takes", lambda dtype: dtype != torch.float16 and computes(dtype))
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
     out = tmp_path / "a.png"
-    assert main(["txt2img", "a red circle", "--model", str(DEFAULT), "--steps", "1", "--dtype", "fp16",
-                 "--out", str(out)]) == 0
-    assert Image.open(out).size == (64, 64)
+    for quiet in ([], ["--quiet"]):
+        assert main(["txt2img", "a red circle", "--model", str(DEFAULT), "--steps", "1", "--dtype", "fp16",
+                     "--out", str(out), "--overwrite", *quiet]) == 0
+        assert Image.open(out).size == (64, 64)
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == (0 if quiet else 1) and all("fp16 runs on PyTorch's generic" in w for w in warnings)
 
 
 # --- files: written whole, exclusively, with the usual permissions --------------------------------------------------

@@ -75,6 +75,7 @@ def test_dtype_is_honoured(checkpoints, dtype):
     assert {p.dtype for p in pipe.vae.parameters()} == {vae_dtype}
 
 
+@pytest.mark.filterwarnings("ignore:.*fp16 runs on PyTorch's generic kernels")   # (fp16's speed is not tested here)
 def test_float16_vae_without_force_upcast_and_with_it_decode(checkpoints, tmp_path):
     folder = tmp_path / "sd1"
     shutil.copytree(checkpoints / "sd1", folder)

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import sdlite
-from sdlite import UserError
+from sdlite import UserError, runtime
 from sdlite.__main__ import main
 from sdlite.pixel import PixelPipeline
 from sdlite.train import cli
@@ -92,6 +92,15 @@ def test_sample_refuses_bad_settings(tmp_path):
                             ({"scheduler": "ddim", "eta": 2.0}, "eta"), ({"seed": -1}, "seed")]:
         with pytest.raises(UserError, match=words):
             pipe.sample(**settings)
+
+
+def test_sampling_in_a_precision_this_cpu_lacks_warns(tmp_path, monkeypatch):
+    """As the text-to-image pipelines: the warning of runtime.slow_precision (here fp16 made slow on any CPU)."""
+    monkeypatch.setattr(sdlite.runtime, "onednn_takes", lambda dtype: dtype != torch.float16)
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
+    pipe = sdlite.load(Case("plain", tmp_path).folder, dtype=torch.float16)
+    with pytest.warns(RuntimeWarning, match="fp16 runs on PyTorch's generic kernels"):
+        pipe.sample(steps=1, seed=0)
 
 
 def test_old_attention_names_are_renamed():

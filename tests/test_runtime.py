@@ -2,6 +2,7 @@
 never used stale, and plain nn.Conv2d again when oneDNN is off; linear layers as oneDNN's inner product; large blocks
 from malloc's heap within heap_reuse, glibc's defaults after it."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -358,3 +359,20 @@ def test_running_a_unet_or_a_vae_swaps_its_attention_and_back():
     runtime.use_onednn(elsewhere)
     assert all(type(m) in (Attention, nn.Linear, nn.Conv2d) for m in elsewhere.modules()
                if isinstance(m, (Attention, nn.Linear, nn.Conv2d)))
+
+
+@pytest.mark.parametrize("computes, dtype, words", [
+    ({torch.float32, torch.bfloat16}, torch.float16, r"FP16 or AVX-NE-CONVERT\): fp16 runs .* fp32 or bf16 is"),
+    ({torch.float32}, torch.bfloat16, r"\(AVX-512 or AVX-NE-CONVERT\): bf16 runs .* slower than fp32; fp32 is faster"),
+    ({torch.float32}, torch.float16, "fp16 runs .*; fp32 is faster here")])
+def test_a_precision_this_cpus_onednn_lacks_is_named_slow(monkeypatch, computes, dtype, words):
+    """On an x86-64 CPU (as this test's fake oneDNN says what it computes) a reduced precision without oneDNN's
+    instructions is named slow, with what is faster; fp32, a precision oneDNN takes, or another device, is not."""
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(runtime, "onednn_takes", lambda d: d in computes)
+    assert runtime.slow_precision(dtype, torch.device("cpu")) is not None
+    assert re.search(words, runtime.slow_precision(dtype, torch.device("cpu")))
+    for dtype, device in [(torch.float32, "cpu"), (sorted(computes, key=str)[0], "cpu"), (dtype, "meta")]:
+        assert runtime.slow_precision(dtype, torch.device(device)) is None
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "arm64")   # (measured on x86-64 CPUs only)
+    assert runtime.slow_precision(dtype, torch.device("cpu")) is None
