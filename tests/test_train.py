@@ -5,6 +5,7 @@ import argparse
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 import sdlite
+from sdlite import runtime
 from sdlite.clip import CLIPTextConfig, CLIPTextModel
 from sdlite.formats.diffusers import save_folder
 from sdlite.formats.families import SDLITE_TINY
@@ -129,6 +131,20 @@ def trainer_for(out: Path, steps: int) -> loop.Trainer:
         x = data[torch.randint(64, (8,), generator=g)][share]
         return (m(x).squeeze(1) - x.sum(1)).pow(2).mean()
     return loop.Trainer("toy", model, loss, quiet(steps=steps, lr=1e-2, warmup_steps=2, ema_decay=0.9), out)
+
+
+def test_bf16_autocast_on_a_cpu_without_bf16_instructions_warns(tmp_path, monkeypatch):
+    """As the pipelines: runtime.slow_precision's warning (here bf16 made slow on any CPU), once, when the trainer is
+    made; none in fp32."""
+    monkeypatch.setattr(runtime, "onednn_takes", lambda dtype: dtype == torch.float32)
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
+    model = torch.nn.Linear(4, 1)
+    loss = lambda m, g, share: m(torch.ones(2, 4)).pow(2).mean()   # noqa: E731
+    with pytest.warns(RuntimeWarning, match="bf16 runs on PyTorch's generic kernels.*; fp32 is faster here"):
+        loop.Trainer("toy", model, loss, quiet(bf16=True), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loop.Trainer("toy", model, loss, quiet(), tmp_path)
 
 
 def test_save_load_resume_is_the_uninterrupted_run(tmp_path):

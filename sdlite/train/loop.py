@@ -12,6 +12,7 @@ and the sample grids; the state holds nothing per-process, so any number of proc
 """
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
+from .. import runtime
 from ..errors import UserError
 from ..progress import Progress
 from .objectives import Loss
@@ -109,6 +111,9 @@ class Trainer:
         self.objective = Objective(model, loss)
         if processes > 1:
             self.objective = DistributedDataParallel(self.objective)
+        device = next(model.parameters()).device
+        if config.bf16 and (slow := runtime.slow_precision(torch.bfloat16, device)) is not None:
+            warnings.warn(slow, RuntimeWarning, stacklevel=2)
 
     @property
     def state_path(self) -> Path:
