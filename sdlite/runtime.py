@@ -359,7 +359,7 @@ def onednn_takes(dtype: torch.dtype) -> bool:
     return True
 
 
-# What oneDNN needs to compute in a reduced precision on an x86-64 CPU (AVX-NE-CONVERT: AVX2 CPUs since 2023).
+# What oneDNN needs to compute in a reduced precision on an x86-64 CPU (AVX-NE-CONVERT: some recent AVX2-only CPUs).
 INSTRUCTIONS = {torch.bfloat16: "AVX-512 or AVX-NE-CONVERT", torch.float16: "AVX-512 FP16 or AVX-NE-CONVERT"}
 
 
