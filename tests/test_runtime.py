@@ -110,24 +110,31 @@ def linear_from_file(tmp_path, dtype=torch.bfloat16) -> nn.Linear:
     return linear.requires_grad_(False)
 
 
+UNIT_ROUNDOFF = {torch.bfloat16: 2**-8, torch.float16: 2**-11}
+
+
 def assert_linear_close(out: torch.Tensor, linear: nn.Linear, x: torch.Tensor):
-    """Against the fp64 product of the same bf16 numbers: sums of 40 products and the bias in float32, in any order,
-    are 41 roundings of float32 at most, each within 2**-24 of the sum of magnitudes; then the output's rounding to
-    bf16, 2**-8 of its magnitude."""
+    """Against the fp64 product of the same bf16 (fp16) numbers: sums of 40 products and the bias in float32, in any
+    order, are 41 roundings of float32 at most, each within 2**-24 of the sum of magnitudes; then the output's
+    rounding to bf16 (fp16), 2**-8 (2**-11) of its magnitude."""
     exact = F.linear(x.double(), linear.weight.double(), linear.bias.double())
     limit = 41 * 2**-24 * (x.double().abs() @ linear.weight.double().abs().T + linear.bias.double().abs()).max() \
-        + 2**-8 * exact.abs().max()
-    assert out.shape == exact.shape and out.dtype == torch.bfloat16 and (out.double() - exact).abs().max() <= limit
+        + UNIT_ROUNDOFF[x.dtype] * exact.abs().max()
+    assert out.shape == exact.shape and out.dtype == x.dtype and (out.double() - exact).abs().max() <= limit
 
 
-def test_a_packed_linear_computes_f_linear_for_each_row_count(tmp_path):
-    linear = linear_from_file(tmp_path)
-    for x in torch.randn(2, 77, 40).bfloat16(), torch.randn(3, 40).bfloat16():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_packed_linear_computes_f_linear_for_each_row_count(tmp_path, dtype):
+    """Packed where this CPU's oneDNN computes the dtype (fp16: AVX-512 FP16 or AVX-NE-CONVERT), else F.linear's
+    product; the same numbers to the rounding either way."""
+    linear = linear_from_file(tmp_path, dtype)
+    for x in torch.randn(2, 77, 40).to(dtype), torch.randn(3, 40).to(dtype):
         with torch.no_grad():
             out = linear(x)
         rows = x.numel() // 40
-        if runtime.onednn_takes(torch.bfloat16):   # (else, as on CPUs without AVX-512, F.linear's product)
-            assert linear.packed is not None and linear.packed_for[1] == rows
+        assert (linear.packed is not None) == runtime.onednn_takes(dtype)
+        if linear.packed is not None:
+            assert linear.packed_for[1] == rows
         assert_linear_close(out, linear, x)
 
 
@@ -165,10 +172,11 @@ def test_linear_layers_back_to_plain_and_training_runs_f_linear():
         assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_a_fused_geglu_computes_geglu_on_the_files_weights(tmp_path, dtype):
     """a * gelu(b) as two oneDNN inner products with the gelu and the product fused in, on weights read from a file
-    (bf16: packed, as the UNet's; fp32: unpacked), for two row counts; GEGLU's own path again when asked."""
+    (bf16, fp16: packed, as the UNet's, where this CPU's oneDNN computes them; fp32: unpacked), for two row counts;
+    GEGLU's own path again when asked."""
     g = torch.Generator().manual_seed(3)
     save_file({"proj.weight": (torch.randn(48, 40, generator=g) / 10).to(dtype),
                "proj.bias": torch.randn(48, generator=g).to(dtype)}, tmp_path / "geglu.safetensors")
@@ -182,13 +190,13 @@ def test_a_fused_geglu_computes_geglu_on_the_files_weights(tmp_path, dtype):
         with torch.no_grad():
             out = geglu(x)
         fused = runtime.onednn_takes(dtype)   # (else, as bf16 on CPUs without AVX-512, GEGLU's own path)
-        assert (geglu.packed is not None) == (fused and dtype == torch.bfloat16)
+        assert (geglu.packed is not None) == (fused and dtype != torch.float32)
         a, b = F.linear(x.double(), w, bias).chunk(2, -1)
         gate = F.gelu(b)
         # each projection: 40 products and the bias summed in float32, 41 roundings of the sum of magnitudes at
-        # most; gelu's slope is at most 1.13; u: the gelu's polynomial and rounding (a few float32 ulps) or, in bf16,
-        # the gate's and the output's rounding to bf16 (and, on GEGLU's own path, the projection's)
-        u = 2**-8 if dtype == torch.bfloat16 else 8 * 2**-24
+        # most; gelu's slope is at most 1.13; u: the gelu's polynomial and rounding (a few float32 ulps) or, in bf16
+        # (fp16), the gate's and the output's rounding to it (and, on GEGLU's own path, the projection's)
+        u = UNIT_ROUNDOFF.get(dtype, 8 * 2**-24)
         e_a, e_b = (41 * 2**-24 * (x.double().abs() @ w.abs().T + bias.abs())
                     + (0 if fused else u) * torch.cat([a, b], -1).abs()).chunk(2, -1)
         limit = a.abs() * (1.13 * e_b + u * gate.abs()) + (gate.abs() + 1.13 * e_b) * e_a + u * (a * gate).abs()
