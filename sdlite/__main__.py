@@ -43,6 +43,8 @@ if starting:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_HELP = ("precision of the weights and the computation; on a CPU bf16 is faster than fp32 only with AVX-512 BF16 "
+              "or AMX, fp16 only with AVX-512 FP16 (elsewhere up to 100x slower, with a warning)")
 GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint", "depth2img", "sample", "schedule", "convert")
 
 
@@ -146,7 +148,7 @@ def parser(training: bool = True) -> argparse.ArgumentParser:
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM's noise, 0 to 1 (1: DDPM's variance)")
     sample.add_argument("--batch-size", type=int, default=1, help="images made by one call, from one seed")
     sample.add_argument("--seed", type=int, help="the noise seed (default: a random seed, written into the PNG)")
-    sample.add_argument("--dtype", choices=DTYPES, default="fp32", help="precision of the weights and the computation")
+    sample.add_argument("--dtype", choices=DTYPES, default="fp32", help=DTYPE_HELP)
     sample.add_argument("--device", default="cpu", help="torch device")
     sample.add_argument("--quiet", action="store_true", help="no progress display, no warnings")
     sample.add_argument("--out", type=Path, help="output PNG; with --batch-size N, NAME-0.png ... NAME-(N-1).png "
@@ -216,7 +218,7 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="override what the checkpoint is taken to predict (default: the checkpoint's own; SD 2.x "
                         "single files: v_prediction)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="precision of the weights and the computation")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help=DTYPE_HELP)
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress display, no warnings")
