@@ -359,8 +359,10 @@ def onednn_takes(dtype: torch.dtype) -> bool:
     return True
 
 
-# What oneDNN needs to compute in a reduced precision on an x86-64 CPU (AVX-NE-CONVERT: some recent AVX2-only CPUs).
-INSTRUCTIONS = {torch.bfloat16: "AVX-512 or AVX-NE-CONVERT", torch.float16: "AVX-512 FP16 or AVX-NE-CONVERT"}
+# A reduced precision's name, and what oneDNN needs to compute it on an x86-64 CPU (AVX-NE-CONVERT: some recent
+# AVX2-only CPUs).
+INSTRUCTIONS = {torch.bfloat16: ("bf16", "AVX-512 or AVX-NE-CONVERT"),
+                torch.float16: ("fp16", "AVX-512 FP16 or AVX-NE-CONVERT")}
 
 
 def slow_precision(dtype: torch.dtype, device: torch.device) -> str | None:
@@ -371,10 +373,10 @@ def slow_precision(dtype: torch.dtype, device: torch.device) -> str | None:
     if device.type != "cpu" or dtype not in INSTRUCTIONS or platform.machine().lower() not in ("x86_64", "amd64") \
             or onednn_takes(dtype):
         return None
-    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    name, needs = INSTRUCTIONS[dtype]
     faster = "fp32 or bf16" if onednn_takes(torch.bfloat16) else "fp32"
-    return (f"this CPU lacks what oneDNN computes {name} with ({INSTRUCTIONS[dtype]}): {name} runs on PyTorch's "
-            f"generic kernels, 50-100 times slower than fp32; {faster} is faster here")
+    return (f"this CPU lacks what oneDNN computes {name} with ({needs}): {name} runs on PyTorch's generic kernels, "
+            f"50-100 times slower than fp32; {faster} is faster here")
 
 
 def weight_state(weight: torch.Tensor) -> tuple[int, int]:

@@ -96,7 +96,7 @@ def test_sample_refuses_bad_settings(tmp_path):
 
 def test_sampling_in_a_precision_this_cpu_lacks_warns(tmp_path, monkeypatch):
     """As the text-to-image pipelines: the warning of runtime.slow_precision (here fp16 made slow on any CPU)."""
-    monkeypatch.setattr(sdlite.runtime, "onednn_takes", lambda dtype: dtype != torch.float16)
+    monkeypatch.setattr(runtime, "onednn_takes", lambda dtype: dtype != torch.float16)
     monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
     pipe = sdlite.load(Case("plain", tmp_path).folder, dtype=torch.float16)
     with pytest.warns(RuntimeWarning, match="fp16 runs on PyTorch's generic kernels"):

@@ -6,6 +6,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sdlite.weights import read_safetensors, release, streaming
+from tolerances import float_rounding_tolerance
 
 MB = 2**20
 
@@ -78,7 +79,7 @@ def test_streaming_releases_each_layer_after_it_runs(tmp_path):
     with streaming(model):
         out = model(x)
     assert resident_file_pages() - before < 2 * MB
-    assert torch.equal(out, expected)
+    assert_same_computation(out, expected, model)
     assert all(not layer._forward_hooks for layer in model)       # the hooks go with the block
 
 
@@ -100,8 +101,15 @@ def test_streaming_leaves_the_layers_skip_names_and_the_small_ones_their_pages(t
     with streaming(model, skip=lambda layer: layer is model[1]):
         out = model(x)
     assert 15 * MB < resident_file_pages() - before < 18 * MB     # the second layer's 16 MB and the norm's pages
-    assert torch.equal(out, expected)
+    assert_same_computation(out, expected, model)
     assert mapping_resident(model[2].weight)
+
+
+def assert_same_computation(out: torch.Tensor, expected: torch.Tensor, model: nn.Module):
+    """The same layers on the same input twice: equal to float rounding (the BLAS may sum in another order for other
+    buffers' alignment), which a hook's return value in place of a layer's output would not be."""
+    relative_error = (out - expected).abs().max() / expected.abs().max()
+    assert out.shape == expected.shape and relative_error <= float_rounding_tolerance(model)
 
 
 def mapping_resident(tensor: torch.Tensor) -> bool:
